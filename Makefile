@@ -1,0 +1,93 @@
+# Semantic image search: set-up, batch training, services, demo, tests.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+GEN := build/gen
+PROTOS := $(wildcard protos/semsearch/v1/*.proto)
+
+SHARED_DATA := $(abspath ../shared/data/cifar10)
+DATA ?=
+INDEX_DATA ?=
+ARTIFACTS ?= artifacts
+CACHE ?= .cache
+WORDS ?=
+BACKBONE ?= efficientnet-lite0
+HOST ?= 127.0.0.1
+GATEWAY_PORT ?= 50050
+ENCODER_PORT ?= 50051
+INDEX_PORT ?= 50052
+RUN := run
+DEMO_IMAGE ?= $(firstword $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
+EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
+
+export ARTIFACTS CACHE
+
+.PHONY: setup protos batch-train serve stop demo eval test clean
+
+setup: $(VENV)/.installed protos
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# Stubs are generated into build/gen (never committed) and put on the venv's path by a .pth file.
+protos: $(GEN)/.stamp
+
+$(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --grpc_python_out=$(GEN) --pyi_out=$(GEN) $(PROTOS)
+	echo "$(abspath $(GEN))" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/semsearch_protos.pth"
+	touch $@
+
+batch-train: setup
+	$(PY) -m batch.train $(if $(DATA),--data $(DATA)) $(if $(INDEX_DATA),--index-data $(INDEX_DATA)) \
+		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS))
+
+serve: setup stop
+	@mkdir -p $(RUN)
+	@setsid nohup $(PY) -m services.index.server --host $(HOST) --port $(INDEX_PORT) --artifacts $(ARTIFACTS) \
+		> $(RUN)/index.log 2>&1 < /dev/null & echo $$! > $(RUN)/index.pid
+	@setsid nohup $(PY) -m services.encoder.server --host $(HOST) --port $(ENCODER_PORT) --artifacts $(ARTIFACTS) \
+		> $(RUN)/encoder.log 2>&1 < /dev/null & echo $$! > $(RUN)/encoder.pid
+	@setsid nohup $(PY) -m services.gateway.server --host $(HOST) --port $(GATEWAY_PORT) \
+		--encoder $(HOST):$(ENCODER_PORT) --index $(HOST):$(INDEX_PORT) \
+		> $(RUN)/gateway.log 2>&1 < /dev/null & echo $$! > $(RUN)/gateway.pid
+	@$(PY) -m services.common.wait_ready --timeout 600 \
+		index=$(HOST):$(INDEX_PORT)@$(RUN)/index.pid encoder=$(HOST):$(ENCODER_PORT)@$(RUN)/encoder.pid \
+		gateway=$(HOST):$(GATEWAY_PORT)@$(RUN)/gateway.pid \
+		|| { tail -n 20 $(RUN)/*.log; $(MAKE) --no-print-directory stop; exit 1; }
+	@echo "services up; logs in $(RUN)/; semsearch --gateway $(HOST):$(GATEWAY_PORT) ...; 'make stop' ends them"
+
+stop:
+	@for name in gateway encoder index; do \
+		if [ -f $(RUN)/$$name.pid ]; then \
+			pid=$$(cat $(RUN)/$$name.pid); \
+			if kill -TERM $$pid 2>/dev/null; then \
+				for i in $$(seq 50); do kill -0 $$pid 2>/dev/null || break; sleep 0.2; done; \
+				kill -KILL $$pid 2>/dev/null || true; echo "stopped $$name"; \
+			fi; \
+			rm -f $(RUN)/$$name.pid; \
+		fi; \
+	done
+
+demo: batch-train serve
+	@export SEMSEARCH_GATEWAY=$(HOST):$(GATEWAY_PORT); set -e; \
+	for query in "words said" "search dog" "search ocean" "search cat sofa" "tag $(DEMO_IMAGE)"; do \
+		set -- $$query; command=$$1; shift; \
+		echo; echo "\$$ semsearch $$command '$$*'"; \
+		if [ $$command = tag ]; then $(VENV)/bin/semsearch tag "$$*" -k 5; \
+		else $(VENV)/bin/semsearch $$command "$$*" -k 10; fi; \
+	done
+	@echo; echo "services are still up: try '$(VENV)/bin/semsearch search ship'; 'make stop' ends them"
+
+eval: setup
+	$(PY) -m batch.evaluate --artifacts $(ARTIFACTS) --data $(or $(EVAL_DATA),$(error set EVAL_DATA to a labelled folder))
+
+test: setup
+	$(PY) -m pytest -q
+
+clean: stop
+	rm -rf $(GEN) $(RUN) *.egg-info

@@ -1,0 +1,108 @@
+"""Stage 1: backbone features for every image, with Ray Data, cached so a rerun skips what is done."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from batch.images import ImageRecord
+from services.encoder.image_encoder import ImageEncoder
+from services.encoder.images import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Extraction:
+    features: dict[str, np.ndarray]  # cache key -> feature row
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
+    extracted: int = 0  # computed in this run (the rest came from the cache)
+    seconds: float = 0.0
+
+
+class FeatureCache:
+    """Append-only part files of (keys, features) under one folder per backbone."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict[str, np.ndarray]:
+        cached: dict[str, np.ndarray] = {}
+        for part in sorted(self.directory.glob("part-*.npz")):
+            try:
+                with np.load(part, allow_pickle=False) as data:
+                    cached.update(zip(data["keys"].tolist(), data["features"]))
+            except (OSError, ValueError, KeyError) as error:
+                log.warning("ignoring damaged cache part %s: %s", part, error)
+        return cached
+
+    def append(self, keys: list[str], features: np.ndarray) -> None:
+        final = self.directory / f"part-{uuid.uuid4().hex}.npz"
+        temporary = final.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            np.savez(handle, keys=np.asarray(keys, dtype=str), features=features.astype(np.float32))
+        temporary.replace(final)
+
+
+def extract(
+    records: list[ImageRecord],
+    backbone_name: str,
+    backbone_path: Path,
+    preprocessing: Preprocessing,
+    cache_dir: Path,
+    batch_size: int = 64,
+    actors: int = 1,
+    threads_per_actor: int = 2,
+) -> Extraction:
+    """Features for `records` (by cache key); missing ones are computed by Ray Data and cached."""
+    started = time.perf_counter()
+    cache = FeatureCache(cache_dir / backbone_name)
+    cached = cache.load()
+    keys = {record.path: record.cache_key(backbone_name) for record in records}
+    todo = [record for record in records if keys[record.path] not in cached]
+    result = Extraction({keys[r.path]: cached[keys[r.path]] for r in records if keys[r.path] in cached})
+    log.info("features: %d images, %d cached, %d to extract", len(records), len(result.features), len(todo))
+    if todo:
+        path_of_key = {keys[r.path]: r.path for r in todo}
+        dataset = ray.data.from_items(
+            [{"path": r.path, "key": keys[r.path]} for r in todo],
+            override_num_blocks=max(1, min(len(todo) // batch_size, 200)),
+        ).map_batches(
+            ImageEncoder,
+            fn_constructor_kwargs={
+                "backbone_path": str(backbone_path),
+                "preprocessing": preprocessing.to_dict(),
+                "threads": threads_per_actor,
+            },
+            batch_size=batch_size,
+            concurrency=actors,
+            num_cpus=threads_per_actor,
+            batch_format="numpy",
+        )
+        done, last_log = 0, time.perf_counter()
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            errors = batch["error"].astype(str)
+            good = errors == ""
+            batch_keys = batch["key"].astype(str)
+            if good.any():
+                cache.append(batch_keys[good].tolist(), batch["features"][good])
+                result.features.update(zip(batch_keys[good].tolist(), batch["features"][good]))
+            for key, error in zip(batch_keys[~good], errors[~good]):
+                result.unreadable[path_of_key[key]] = error
+            done += len(batch_keys)
+            if time.perf_counter() - last_log > 5 or done == len(todo):
+                rate = done / (time.perf_counter() - started)
+                log.info("extracted %d/%d images (%.0f img/s)", done, len(todo), rate)
+                last_log = time.perf_counter()
+        result.extracted = done - len(result.unreadable)
+    for path, reason in sorted(result.unreadable.items()):
+        log.warning("unreadable image skipped: %s (%s)", path, reason)
+    result.seconds = time.perf_counter() - started
+    return result

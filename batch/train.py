@@ -1,0 +1,253 @@
+"""batch-train: image folder -> features (Ray Data) -> head (Ray Train) -> indexes -> published artifact."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from batch import backbones
+from batch.build_index import build_indexes
+from batch.extract import extract
+from batch.images import ImageRecord, labelled, list_images
+from batch.publish import new_staging, publish
+from batch.train_head import HeadConfig, split, train_head
+from services.common import artifact
+from services.encoder import word_vectors
+from services.encoder.query import Term, embed
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "train"
+
+
+@dataclass
+class Options:
+    data: Path
+    index_data: Path | None
+    artifacts: Path
+    cache: Path
+    word_vectors: str = word_vectors.PACKAGED
+    backbone: str = "efficientnet-lite0"
+    backbone_weights: str | None = None
+    head: HeadConfig = HeadConfig()
+    val_fraction: float = 0.1
+    limit_per_label: int = 0
+    batch_size: int = 64
+    actors: int = 1
+    threads_per_actor: int = 2
+
+
+def label_vectors(labels: list[str], words: word_vectors.WordVectors) -> np.ndarray:
+    """Each label's unit vector: its word's, or the mean of its words' (`golden_retriever`)."""
+    rows = words.index()
+    vectors, missing = [], []
+    for label in labels:
+        parts = [p for p in re.split(r"[_\s\-]+", label.lower()) if p]
+        if not parts or any(part not in rows for part in parts):
+            missing.append(label)
+            continue
+        vectors.append(embed([Term(part, 1.0) for part in parts], rows, words.vectors))
+    if missing:
+        raise ValueError(
+            f"labels without a word vector in {words.source}: {', '.join(missing)} "
+            "(rename those folders to words of the vocabulary)"
+        )
+    return np.stack(vectors)
+
+
+def limit(records: list[ImageRecord], per_label: int) -> list[ImageRecord]:
+    if not per_label:
+        return records
+    counts: dict[str | None, int] = {}
+    kept = []
+    for record in records:
+        counts[record.label] = counts.get(record.label, 0) + 1
+        if counts[record.label] <= per_label:
+            kept.append(record)
+    return kept
+
+
+def backbone_onnx(options: Options) -> Path:
+    """The exported backbone, cached by name and weights file."""
+    tag = options.backbone
+    if options.backbone_weights:
+        tag += "-" + hashlib.sha1(Path(options.backbone_weights).read_bytes()).hexdigest()[:12]
+    path = options.cache / "backbones" / f"{tag}.onnx"
+    if not path.is_file():
+        backbones.export_onnx(options.backbone, path, options.backbone_weights)
+    return path
+
+
+def tag_hit_at_1(vectors: np.ndarray, true_words: list[str], words: word_vectors.WordVectors) -> float:
+    """Share of vectors whose nearest word of the whole vocabulary is the true one (exact search)."""
+    hits = 0
+    for start in range(0, len(vectors), 256):
+        nearest = np.argmax(vectors[start:start + 256] @ words.vectors.T, axis=1)
+        hits += sum(words.words[i] == w for i, w in zip(nearest, true_words[start:start + 256]))
+    return hits / max(1, len(vectors))
+
+
+def _versions() -> dict[str, str]:
+    names = ["torch", "onnxruntime", "scann", "ray", "numpy", "grpcio"]
+    return {name: metadata.version(name) for name in names}
+
+
+def run(options: Options) -> Path:
+    """The whole job; returns the published artifact version directory."""
+    started = time.perf_counter()
+    spec = backbones.spec(options.backbone)
+    train_records = limit(labelled(list_images(options.data)), options.limit_per_label)
+    if not train_records:
+        raise ValueError(f"{options.data}: no labelled images (expected one sub-folder per label)")
+    index_records = (limit(list_images(options.index_data), options.limit_per_label)
+                     if options.index_data else train_records)
+    log.info("data: %d labelled images in %s; %d searchable images", len(train_records), options.data, len(index_records))
+
+    words = word_vectors.load(options.word_vectors)
+    labels = sorted({r.label for r in train_records})
+    targets = label_vectors(labels, words)
+    log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
+
+    onnx_path = backbone_onnx(options)
+    all_records = list({r.path: r for r in train_records + index_records}.values())
+    extraction = extract(all_records, options.backbone, onnx_path, spec.preprocessing, options.cache / "features",
+                         options.batch_size, options.actors, options.threads_per_actor)
+    key_of = {r.path: r.cache_key(options.backbone) for r in all_records}
+    train_ok = [r for r in train_records if key_of[r.path] in extraction.features]
+    index_ok = [r for r in index_records if key_of[r.path] in extraction.features]
+    if len({r.label for r in train_ok}) < 2:
+        raise ValueError("need readable images of at least two labels to train the head")
+
+    features = np.stack([extraction.features[key_of[r.path]] for r in train_ok])
+    label_ids = np.asarray([labels.index(r.label) for r in train_ok])
+    train_rows, val_rows = split(label_ids, options.val_fraction, options.head.seed)
+    trained = train_head(features, label_ids, targets, train_rows, val_rows, options.head, options.cache / "ray-train")
+
+    val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
+        if len(val_rows) else 0.0
+    image_vectors = trained.head(np.stack([extraction.features[key_of[r.path]] for r in index_ok]))
+
+    staging = new_staging(options.artifacts)
+    try:
+        shutil.copyfile(onnx_path, staging / artifact.BACKBONE)
+        trained.head.save(staging / artifact.HEAD)
+        indexes = build_indexes(staging, image_vectors, index_ok, words)
+        unreadable = extraction.unreadable
+        (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
+        report = {
+            "images": {"labelled": len(train_records), "searchable": len(index_records),
+                       "trained_on": len(train_rows), "validation": len(val_rows),
+                       "unreadable": len(unreadable), "extracted_now": extraction.extracted,
+                       "from_cache": len(all_records) - extraction.extracted - len(unreadable)},
+            "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": val_tag,
+                           "best_epoch": trained.best_epoch},
+            "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
+                        "total": round(time.perf_counter() - started, 1)},
+        }
+        (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": _versions(),
+            "backbone": {"name": options.backbone, "weights": options.backbone_weights or "packaged",
+                         "feature_dimension": int(features.shape[1]), "preprocessing": spec.preprocessing.to_dict()},
+            "word_vectors": {"source": words.source, "dimension": words.dimension, "vocabulary": len(words.words)},
+            "dimension": words.dimension,
+            "labels": labels,
+            "head": {**options.head.__dict__, "validation_label_hit1": trained.val_hit1},
+            "data": {"labelled": str(options.data), "searchable": str(options.index_data or options.data)},
+            "indexes": indexes,
+        }
+        version_dir = publish(staging, options.artifacts, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(summary(version_dir, report), flush=True)
+    return version_dir
+
+
+def summary(version_dir: Path, report: dict) -> str:
+    images, val, seconds = report["images"], report["validation"], report["seconds"]
+    return (
+        f"\nbatch-train done in {seconds['total']:.0f} s -> {version_dir}\n"
+        f"  images: {images['labelled']} labelled, {images['searchable']} searchable, "
+        f"{images['extracted_now']} extracted now, {images['from_cache']} from cache, {images['unreadable']} unreadable\n"
+        f"  validation ({images['validation']} images): label hit@1 {val['label_hit1']:.3f}, "
+        f"tag hit@1 over the whole vocabulary {val['tag_hit1_whole_vocabulary']:.3f}\n"
+        f"  seconds: extract {seconds['extract']}, train head {seconds['train_head']}"
+    )
+
+
+def default_data() -> Path:
+    if SHARED_CIFAR.is_dir():
+        return SHARED_CIFAR
+    from batch.cifar import ensure_cifar10
+
+    return ensure_cifar10(REPO / ".cache" / "cifar10")
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="batch-train", description=__doc__)
+    parser.add_argument("--data", default=env("DATA") or None,
+                        help="labelled images, one sub-folder per label (default: ../shared/data/cifar10/train, "
+                             "else CIFAR-10 downloaded by torchvision)")
+    parser.add_argument("--index-data", default=env("INDEX_DATA") or None,
+                        help="images to make searchable, read recursively (default: --data)")
+    parser.add_argument("--artifacts", default=env("ARTIFACTS", "artifacts"), help="artifact root (default: artifacts)")
+    parser.add_argument("--cache", default=env("CACHE", ".cache"), help="feature and model cache (default: .cache)")
+    parser.add_argument("--word-vectors", default=env("WORDS", word_vectors.PACKAGED),
+                        help="glove-6b-50d (packaged), a GloVe .txt file, or a .npy with a .words.txt beside it")
+    parser.add_argument("--backbone", default=env("BACKBONE", "efficientnet-lite0"), choices=sorted(backbones.BACKBONES))
+    parser.add_argument("--backbone-weights", default=env("BACKBONE_WEIGHTS") or None,
+                        help="a torchvision state_dict file for vgg16/resnet50, or an EfficientNet-Lite .pth")
+    parser.add_argument("--epochs", type=int, default=int(env("EPOCHS", HeadConfig.epochs)))
+    parser.add_argument("--loss", choices=["cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--limit-per-label", type=int, default=0, help="use at most N images per label (quick runs)")
+    parser.add_argument("--actors", type=int, default=1, help="Ray Data extraction actors")
+    parser.add_argument("--threads-per-actor", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    return Options(
+        data=Path(args.data) if args.data else default_data(),
+        index_data=Path(args.index_data) if args.index_data else None,
+        artifacts=Path(args.artifacts), cache=Path(args.cache),
+        word_vectors=args.word_vectors, backbone=args.backbone, backbone_weights=args.backbone_weights,
+        head=HeadConfig(epochs=args.epochs, loss=args.loss, seed=args.seed),
+        val_fraction=args.val_fraction, limit_per_label=args.limit_per_label,
+        actors=args.actors, threads_per_actor=args.threads_per_actor,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = parse_args(argv)
+    if not ray.is_initialized():
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}),
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))
+    try:
+        run(options)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

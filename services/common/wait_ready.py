@@ -1,0 +1,59 @@
+"""Wait until services report SERVING on the standard health service (used by `make serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def status(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError as error:
+            return error.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("services", nargs="+", metavar="NAME=ADDRESS[@PIDFILE]")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    pending = {}
+    for spec in args.services:
+        name, _, rest = spec.partition("=")
+        address, _, pid_file = rest.partition("@")
+        pending[name] = (address, Path(pid_file) if pid_file else None)
+    deadline = time.monotonic() + args.timeout
+    while pending:
+        for name, (address, pid_file) in list(pending.items()):
+            if pid_file is not None and not alive(pid_file):
+                print(f"{name} ({address}) exited while starting; see its log", file=sys.stderr)
+                return 1
+            if status(address) == "SERVING":
+                print(f"{name} SERVING on {address}")
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            print(f"not SERVING after {args.timeout:.0f} s: {', '.join(pending)}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

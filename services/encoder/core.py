@@ -1,0 +1,60 @@
+"""EncoderCore: text and images -> unit vectors in the artifact's word space (no gRPC here)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from services.common import artifact
+from services.encoder import query
+from services.encoder.image_encoder import ImageEncoder
+from services.index.core import read_items
+
+log = logging.getLogger(__name__)
+
+
+class EncoderCore:
+    def __init__(self, artifact_path: str | Path, threads: int = 0):
+        self.directory = artifact.resolve(artifact_path)
+        self.manifest = artifact.read_manifest(self.directory)
+        words_dir = self.directory / artifact.INDEXES / "words"
+        self.words = [item.id for item in read_items(words_dir / "items.jsonl")]
+        self.word_vectors = np.load(words_dir / "vectors.npy")
+        self.rows = {}
+        for row, word in enumerate(self.words):
+            self.rows.setdefault(word, row)
+        self.images = ImageEncoder(
+            self.directory / artifact.BACKBONE,
+            self.manifest["backbone"]["preprocessing"],
+            self.directory / artifact.HEAD,
+            threads=threads,
+        )
+        log.info("encoder loaded %s: %d words, dimension %d", self.version, len(self.words), self.dimension)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    def encode_text(self, text: str) -> tuple[np.ndarray, list[query.Term]]:
+        """QueryError for a malformed query, UnknownWordsError naming words without a vector."""
+        terms = query.parse(text)
+        return query.embed(terms, self.rows, self.word_vectors), terms
+
+    def encode_images(self, images: list[bytes]) -> np.ndarray:
+        """ImageError for bytes that are not a readable image."""
+        return self.images.embed(images)
+
+    def info(self) -> dict:
+        return {
+            "dimension": self.dimension,
+            "backbone": self.manifest["backbone"]["name"],
+            "word_vectors": self.manifest["word_vectors"]["source"],
+            "vocabulary_size": len(self.words),
+            "artifact_version": self.version,
+        }

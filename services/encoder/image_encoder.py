@@ -1,0 +1,86 @@
+"""ImageEncoder: the ONNX backbone (and, once trained, the head) over images.
+
+The same class runs inside the encoder service and as the callable class of Ray Data's
+`map_batches` in the batch job, so an image gets the same vector in both places.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from services.encoder.head import Head
+from services.encoder.images import ImageError, Preprocessing, decode
+
+log = logging.getLogger(__name__)
+
+FEATURES_OUTPUT = "features"
+LOGITS_OUTPUT = "logits"
+
+
+class ImageEncoder:
+    """Images -> backbone features (`features`) or unit vectors in word space (`embed`)."""
+
+    def __init__(
+        self,
+        backbone_path: str | Path,
+        preprocessing: Preprocessing | dict,
+        head_path: str | Path | None = None,
+        threads: int = 0,
+    ):
+        if isinstance(preprocessing, dict):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        self.preprocessing = preprocessing
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(backbone_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.head = Head.load(Path(head_path)) if head_path else None
+
+    @property
+    def feature_dimension(self) -> int:
+        return int(self.session.get_outputs()[0].shape[1])
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> the preprocessed CHW array; ImageError for bad input."""
+        return self.preprocessing(decode(data, size_hint=self.preprocessing.size))
+
+    def features_of_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.zeros((0, self.feature_dimension), np.float32)
+        (features,) = self.session.run([FEATURES_OUTPUT], {"pixels": pixels})
+        return features
+
+    def features(self, images: list[bytes]) -> np.ndarray:
+        return self.features_of_pixels(np.stack([self.pixels(data) for data in images]))
+
+    def embed(self, images: list[bytes]) -> np.ndarray:
+        """Encoded images -> unit vectors in word space (needs the head)."""
+        if self.head is None:
+            raise RuntimeError("this ImageEncoder has no head: it can only extract features")
+        return self.head(self.features(images))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data `map_batches`: {"path", "key"} rows -> {"key", "features", "error"}.
+
+        An unreadable image yields a zero feature row and a non-empty `error`; it never
+        fails the batch.
+        """
+        pixels, errors = [], []
+        for path in batch["path"]:
+            try:
+                pixels.append(self.pixels(Path(path).read_bytes()))
+                errors.append("")
+            except (ImageError, OSError) as error:
+                pixels.append(None)
+                errors.append(str(error) or type(error).__name__)
+        good = [p for p in pixels if p is not None]
+        good_features = self.features_of_pixels(np.stack(good) if good else np.zeros((0,)))
+        features = np.zeros((len(pixels), self.feature_dimension), np.float32)
+        features[[i for i, p in enumerate(pixels) if p is not None]] = good_features
+        return {"key": batch["key"], "features": features, "error": np.asarray(errors, dtype=object)}

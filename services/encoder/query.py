@@ -1,0 +1,78 @@
+"""The text query language: `cat sofa` (mean), `cat+sofa-dog` (minus subtracts), `cat:2 sofa` (weights)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_QUERY_CHARS = 1000
+MAX_TERMS = 64
+
+_TERM = re.compile(r"([+-]?)([^\s+\-:]+)(?::([0-9]*\.?[0-9]+))?")
+
+
+class QueryError(ValueError):
+    """The query cannot be parsed (empty, too long, malformed)."""
+
+
+class UnknownWordsError(KeyError):
+    """Some query words have no vector."""
+
+    def __init__(self, words: list[str]):
+        super().__init__(words)
+        self.words = words
+
+    def __str__(self) -> str:
+        return "unknown word" + ("s" if len(self.words) > 1 else "") + ": " + ", ".join(self.words)
+
+
+@dataclass(frozen=True)
+class Term:
+    word: str
+    weight: float
+
+
+def parse(text: str) -> list[Term]:
+    """Split a query into weighted terms; words are lower-cased (GloVe 6B is lower case)."""
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"query is {len(text)} characters; the limit is {MAX_QUERY_CHARS}")
+    stripped = text.strip()
+    if not stripped:
+        raise QueryError("query is empty")
+    terms: list[Term] = []
+    position = 0
+    for match in _TERM.finditer(stripped):
+        gap = stripped[position:match.start()]
+        if gap.strip():
+            raise QueryError(f"cannot parse {gap.strip()!r} in query {stripped!r}")
+        position = match.end()
+        sign, word, weight = match.groups()
+        value = float(weight) if weight is not None else 1.0
+        if not math.isfinite(value):
+            raise QueryError(f"weight of {word!r} is not a finite number")
+        terms.append(Term(word.lower(), -value if sign == "-" else value))
+    rest = stripped[position:].strip()
+    if rest:
+        raise QueryError(f"cannot parse {rest!r} in query {stripped!r}")
+    if len(terms) > MAX_TERMS:
+        raise QueryError(f"query has {len(terms)} terms; the limit is {MAX_TERMS}")
+    if not any(term.weight > 0 for term in terms):
+        raise QueryError("query needs at least one word with a positive weight")
+    return terms
+
+
+def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
+    """The unit vector of the weighted sum of the terms' unit word vectors."""
+    unknown = [term.word for term in terms if term.word not in rows]
+    if unknown:
+        raise UnknownWordsError(list(dict.fromkeys(unknown)))
+    total = np.zeros(vectors.shape[1], dtype=np.float32)
+    for term in terms:
+        total += term.weight * vectors[rows[term.word]]
+    norm = float(np.linalg.norm(total))
+    if norm == 0.0:
+        raise QueryError("the query's terms cancel out")
+    return total / norm

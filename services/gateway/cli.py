@@ -1,0 +1,110 @@
+"""semsearch: the command line over the Gateway (search, similar, tag, words)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from services.gateway import gallery
+from services.gateway.client import DEFAULT_ADDRESS, Client, ImageHit, WordHit
+
+
+def _image_json(query: str, hits: list[ImageHit]) -> dict:
+    return {"query": query, "results": [
+        {"id": h.id, "path": h.path, "label": h.label, "score": round(h.score, 6)} for h in hits]}
+
+
+def _word_json(key: str, hits: list[WordHit]) -> dict:
+    return {key: [{"word": h.word, "score": round(h.score, 6)} for h in hits]}
+
+
+def _image_table(hits: list[ImageHit]) -> str:
+    if not hits:
+        return "(no results)"
+    width = max(len(h.id) for h in hits)
+    lines = [f"{'#':>3}  {'score':>6}  {'label':<12} {'id':<{width}}  path"]
+    lines += [f"{rank:>3}  {h.score:6.3f}  {(h.label or '-'):<12} {h.id:<{width}}  {h.path}"
+              for rank, h in enumerate(hits, 1)]
+    return "\n".join(lines)
+
+
+def _word_table(hits: list[WordHit]) -> str:
+    if not hits:
+        return "(no results)"
+    return "\n".join([f"{'#':>3}  {'score':>6}  word"] +
+                     [f"{rank:>3}  {h.score:6.3f}  {h.word}" for rank, h in enumerate(hits, 1)])
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise SystemExit(f"semsearch: cannot read image {path}: {error.strerror or error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semsearch", description="Semantic image search over gRPC.")
+    parser.add_argument("--gateway", default=os.environ.get("SEMSEARCH_GATEWAY", DEFAULT_ADDRESS),
+                        help=f"gateway address (default: $SEMSEARCH_GATEWAY or {DEFAULT_ADDRESS})")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, default_k: int) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("-k", type=int, default=default_k, help=f"how many results (default {default_k})")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.add_argument("--html", metavar="FILE", help="also write a gallery page to FILE")
+        return sub
+
+    search = command("search", "images for text: dog, 'cat sofa', cat+sofa-dog, 'cat:2 sofa'", 10)
+    search.add_argument("query")
+    search.add_argument("--min-score", type=float)
+    similar = command("similar", "images similar to an image file", 10)
+    similar.add_argument("image")
+    similar.add_argument("--min-score", type=float)
+    tag = command("tag", "the nearest words of the whole vocabulary for an image file", 5)
+    tag.add_argument("image")
+    words = command("words", "words similar to a word", 10)
+    words.add_argument("word")
+    return parser
+
+
+def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, str]:
+    """(JSON document, readable table, HTML page) for the parsed command."""
+    if args.command == "search":
+        hits = client.search(args.query, k=args.k, min_score=args.min_score)
+        return _image_json(args.query, hits), _image_table(hits), gallery.render(f"search: {args.query}", hits)
+    if args.command == "similar":
+        hits = client.similar(_read_image(args.image), k=args.k, min_score=args.min_score)
+        page = gallery.render(f"similar to {args.image}", hits, query_image=args.image)
+        return _image_json(args.image, hits), _image_table(hits), page
+    if args.command == "tag":
+        hits = client.tag(_read_image(args.image), k=args.k)
+        page = gallery.render(f"tags for {args.image}", words=hits, query_image=args.image)
+        return _word_json("tags", hits), _word_table(hits), page
+    hits = client.words(args.word, k=args.k)
+    return _word_json("words", hits), _word_table(hits), gallery.render(f"words like {args.word}", words=hits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with Client(args.gateway, timeout=args.timeout) as client:
+        try:
+            document, table, page = run(args, client)
+        except grpc.RpcError as error:
+            print(f"semsearch: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(document, ensure_ascii=False) if args.json else table)
+    if args.html:
+        Path(args.html).write_text(page, encoding="utf-8")
+        print(f"gallery written to {args.html}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

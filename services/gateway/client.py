@@ -1,0 +1,75 @@
+"""A small typed client for the Gateway service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.server import MAX_MESSAGE_BYTES
+
+DEFAULT_ADDRESS = "127.0.0.1:50050"
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    id: str
+    path: str
+    label: str | None
+    score: float
+
+
+@dataclass(frozen=True)
+class WordHit:
+    word: str
+    score: float
+
+
+def _image_hits(response: gateway_pb2.ImageResults) -> list[ImageHit]:
+    return [ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score) for r in response.results]
+
+
+def _word_hits(response: gateway_pb2.WordResults) -> list[WordHit]:
+    return [WordHit(w.word, w.score) for w in response.words]
+
+
+class Client:
+    """`Client(address).search("cat sofa", k=10)`; raises grpc.RpcError with the server's status."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0):
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def search(self, text: str | None = None, *, image: bytes | None = None, k: int = 10,
+               min_score: float | None = None) -> list[ImageHit]:
+        if (text is None) == (image is None):
+            raise ValueError("search takes text or image bytes, not both")
+        request = gateway_pb2.SearchRequest(text=text, image=image, k=k, min_score=min_score)
+        return _image_hits(self.stub.Search(request, timeout=self.timeout))
+
+    def similar(self, image: bytes | None = None, *, id: str | None = None, k: int = 10,
+                min_score: float | None = None) -> list[ImageHit]:
+        if (id is None) == (image is None):
+            raise ValueError("similar takes image bytes or an image id, not both")
+        request = gateway_pb2.SimilarImagesRequest(image=image, id=id, k=k, min_score=min_score)
+        return _image_hits(self.stub.SimilarImages(request, timeout=self.timeout))
+
+    def tag(self, image: bytes, k: int = 5) -> list[WordHit]:
+        return _word_hits(self.stub.Tag(gateway_pb2.TagRequest(image=image, k=k), timeout=self.timeout))
+
+    def words(self, word: str, k: int = 10) -> list[WordHit]:
+        return _word_hits(self.stub.SimilarWords(gateway_pb2.SimilarWordsRequest(word=word, k=k), timeout=self.timeout))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

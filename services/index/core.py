@@ -1,0 +1,233 @@
+"""VectorIndex: cosine k-NN over unit vectors with ScaNN, plus the ids and metadata of each row."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scann
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+BRUTE_FORCE_BELOW = 20_000
+
+
+class InvalidQuery(ValueError):
+    """A malformed query: wrong dimension, NaN, zero vector, k out of range."""
+
+
+class UnknownIndex(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownId(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    path: str = ""
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    item: Item
+    score: float
+
+
+@dataclass(frozen=True)
+class ScannConfig:
+    """How the searcher is built; brute force for small sets, tree + AH + reorder above."""
+
+    method: str
+    num_leaves: int = 0
+    leaves_to_search: int = 0
+    reorder: int = 0
+
+    @classmethod
+    def for_size(cls, n: int) -> "ScannConfig":
+        if n < BRUTE_FORCE_BELOW:
+            return cls("brute_force")
+        leaves = int(2 * math.sqrt(n))
+        return cls("tree_ah", num_leaves=leaves, leaves_to_search=max(20, leaves // 20), reorder=250)
+
+
+def _build_searcher(vectors: np.ndarray, config: ScannConfig):
+    builder = scann.scann_ops_pybind.builder(vectors, 10, "dot_product")
+    if config.method == "brute_force":
+        return builder.score_brute_force().build()
+    return (
+        builder.tree(
+            num_leaves=config.num_leaves,
+            num_leaves_to_search=config.leaves_to_search,
+            training_sample_size=min(len(vectors), 250_000),
+        )
+        .score_ah(2, anisotropic_quantization_threshold=0.2)
+        .reorder(config.reorder)
+        .build()
+    )
+
+
+def unit_query(vector, dimension: int) -> np.ndarray:
+    query = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if query.shape[0] != dimension:
+        raise InvalidQuery(f"query vector has dimension {query.shape[0]}; the index has {dimension}")
+    if not np.all(np.isfinite(query)):
+        raise InvalidQuery("query vector contains NaN or infinity")
+    norm = float(np.linalg.norm(query))
+    if norm == 0.0:
+        raise InvalidQuery("query vector is all zeros")
+    return query / norm
+
+
+def check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise InvalidQuery(f"k must be between 1 and {MAX_K}; got {k}")
+
+
+def check_min_score(min_score: float | None) -> None:
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise InvalidQuery(f"min_score must be a number in [-1, 1]; got {min_score}")
+
+
+class VectorIndex:
+    """Unit vectors, their items and a ScaNN searcher; answers top-k by cosine similarity."""
+
+    def __init__(self, name: str, vectors: np.ndarray, items: list[Item], searcher, config: ScannConfig):
+        if len(vectors) != len(items):
+            raise ValueError(f"index {name}: {len(vectors)} vectors but {len(items)} items")
+        self.name = name
+        self.vectors = vectors
+        self.items = items
+        self.config = config
+        self._searcher = searcher
+        self._rows = {item.id: row for row, item in enumerate(items)}
+
+    @classmethod
+    def build(cls, name: str, vectors: np.ndarray, items: list[Item], config: ScannConfig | None = None) -> "VectorIndex":
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        config = config or ScannConfig.for_size(len(vectors))
+        started = time.perf_counter()
+        searcher = _build_searcher(vectors, config)
+        log.info("built %s index: %d x %d, %s, %.1f s", name, *vectors.shape, config.method, time.perf_counter() - started)
+        return cls(name, vectors, items, searcher, config)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def vector_of(self, item_id: str) -> np.ndarray:
+        row = self._rows.get(item_id)
+        if row is None:
+            raise UnknownId(f"no item {item_id!r} in index {self.name!r}")
+        return self.vectors[row]
+
+    def search(self, query, k: int, min_score: float | None = None, exclude: str | None = None) -> list[Hit]:
+        check_k(k)
+        check_min_score(min_score)
+        query = unit_query(query, self.dimension)
+        wanted = min(k + (1 if exclude is not None else 0), len(self.items))
+        if wanted == 0:
+            return []
+        if self.config.method == "brute_force":
+            rows, scores = self._searcher.search(query, final_num_neighbors=wanted)
+        else:
+            rows, scores = self._searcher.search(
+                query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted)
+            )
+        hits = [Hit(self.items[row], float(score)) for row, score in zip(rows, scores)]
+        if exclude is not None:
+            hits = [hit for hit in hits if hit.item.id != exclude]
+        if min_score is not None:
+            hits = [hit for hit in hits if hit.score >= min_score]
+        return hits[:k]
+
+    def save(self, directory: Path) -> None:
+        (directory / "scann").mkdir(parents=True, exist_ok=True)
+        np.save(directory / "vectors.npy", self.vectors)
+        with open(directory / "items.jsonl", "w", encoding="utf-8") as handle:
+            for item in self.items:
+                handle.write(json.dumps(_item_to_dict(item), ensure_ascii=False) + "\n")
+        (directory / "config.json").write_text(json.dumps(self.config.__dict__))
+        self._searcher.serialize(str(directory / "scann"))
+        (directory / "scann" / "scann_assets.pbtxt").write_text(_assets_in(directory / "scann", ""))
+
+    @classmethod
+    def load(cls, name: str, directory: Path) -> "VectorIndex":
+        started = time.perf_counter()
+        vectors = np.load(directory / "vectors.npy")
+        items = read_items(directory / "items.jsonl")
+        config = ScannConfig(**json.loads((directory / "config.json").read_text()))
+        searcher = _load_searcher(directory / "scann")
+        log.info("loaded %s index: %d x %d in %.1f s", name, *vectors.shape, time.perf_counter() - started)
+        return cls(name, vectors, items, searcher, config)
+
+
+_ASSET_PATH = re.compile(r'asset_path: "((?:[^"\\]|\\.)*)"')
+
+
+def _assets_in(scann_dir: Path, folder: str) -> str:
+    """ScaNN's asset list with each asset's folder replaced: "" for bare file names, else a path.
+
+    ScaNN's serializer records absolute paths, which break once the artifact is renamed into place;
+    the artifact stores bare names and the loader points them at wherever the folder is now.
+    """
+    def relocate(match: re.Match) -> str:
+        name = Path(json.loads(f'"{match.group(1)}"')).name
+        return "asset_path: " + json.dumps(str(Path(folder) / name) if folder else name)
+
+    return _ASSET_PATH.sub(relocate, (scann_dir / "scann_assets.pbtxt").read_text())
+
+
+def _load_searcher(scann_dir: Path):
+    from scann.scann_ops.py import scann_ops_pybind
+
+    assets = _assets_in(scann_dir, str(scann_dir.resolve()))
+    return scann_ops_pybind.ScannSearcher(scann_ops_pybind.scann_pybind.ScannNumpy(str(scann_dir), assets), None)
+
+
+def _item_to_dict(item: Item) -> dict:
+    data = {"id": item.id}
+    if item.path:
+        data["path"] = item.path
+    if item.label is not None:
+        data["label"] = item.label
+    return data
+
+
+def read_items(path: Path) -> list[Item]:
+    with open(path, encoding="utf-8") as handle:
+        return [Item(**json.loads(line)) for line in handle]
+
+
+class IndexSet:
+    """The named indexes of one artifact version."""
+
+    def __init__(self, indexes: dict[str, VectorIndex], version: str = ""):
+        self.indexes = indexes
+        self.version = version
+
+    @classmethod
+    def load(cls, indexes_dir: Path, version: str = "") -> "IndexSet":
+        names = sorted(p.name for p in indexes_dir.iterdir() if p.is_dir())
+        return cls({name: VectorIndex.load(name, indexes_dir / name) for name in names}, version)
+
+    def get(self, name: str) -> VectorIndex:
+        index = self.indexes.get(name)
+        if index is None:
+            raise UnknownIndex(f"no index named {name!r}; there are: {', '.join(sorted(self.indexes))}")
+        return index

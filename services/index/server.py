@@ -1,0 +1,105 @@
+"""The Index gRPC service: a thin servicer over the ScaNN IndexSet of one artifact."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import grpc
+
+from semsearch.v1 import index_pb2, index_pb2_grpc
+from services.common import artifact
+from services.common import server as common
+from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
+
+log = logging.getLogger(__name__)
+
+SERVICE = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
+
+
+def load_index_set(artifacts: str) -> IndexSet:
+    directory = artifact.resolve(artifacts)
+    manifest = artifact.read_manifest(directory)
+    return IndexSet.load(directory / artifact.INDEXES, manifest["version"])
+
+
+class IndexServicer(index_pb2_grpc.IndexServicer):
+    def __init__(self, loading: common.Loading):
+        self.loading = loading
+
+    def Search(self, request, context):
+        indexes: IndexSet = self.loading.get(context)
+        min_score = request.min_score if request.HasField("min_score") else None
+        try:
+            index = indexes.get(request.index)
+            which = request.WhichOneof("query")
+            if which == "vector":
+                query, exclude = request.vector.values, None
+            elif which == "id":
+                query = index.vector_of(request.id)
+                exclude = request.id if request.exclude_self else None
+            else:
+                raise InvalidQuery("the request needs a query: a vector or an id")
+            hits = index.search(query, request.k, min_score, exclude=exclude)
+        except InvalidQuery as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except (UnknownIndex, UnknownId) as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.IndexSearchResponse(neighbors=[
+            index_pb2.Neighbor(id=hit.item.id, score=hit.score, path=hit.item.path, label=hit.item.label)
+            for hit in hits
+        ])
+
+    def Info(self, request, context):
+        indexes: IndexSet = self.loading.get(context)
+        names = [request.index] if request.index else sorted(indexes.indexes)
+        try:
+            described = [indexes.get(name) for name in names]
+        except UnknownIndex as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.IndexInfo(
+            indexes=[index_pb2.IndexDescription(name=i.name, size=len(i), dimension=i.dimension, method=i.config.method)
+                     for i in described],
+            artifact_version=indexes.version,
+        )
+
+
+@contextmanager
+def run_server(port: int, artifacts: str, host: str = "127.0.0.1",
+               on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
+    """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded."""
+    loading = common.Loading("index")
+    servicer = IndexServicer(loading)
+
+    def add(server: grpc.Server) -> list[str]:
+        index_pb2_grpc.add_IndexServicer_to_server(servicer, server)
+        return [SERVICE]
+
+    with common.grpc_server(port, add, host=host) as (server, bound, health_servicer):
+        common.load_in_background(
+            loading, lambda: load_index_set(artifacts),
+            lambda: common.set_serving(health_servicer, [SERVICE], True), on_load_failure,
+        )
+        yield server, bound
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Index service: ScaNN k-NN over images and words")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("INDEX_PORT", 50052)))
+    parser.add_argument("--host", default=os.environ.get("INDEX_HOST", "127.0.0.1"))
+    parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        artifact.resolve(args.artifacts)
+    except artifact.ArtifactError as error:
+        sys.exit(f"index: {error}")
+    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host))
+
+
+if __name__ == "__main__":
+    main()
