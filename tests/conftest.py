@@ -1,0 +1,90 @@
+"""Session fixtures: one Ray runtime, one real artifact trained on a CIFAR-10 subset, in-process servers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from batch.train import Options, run
+from batch.train_head import HeadConfig
+from services.encoder import server as encoder_server
+from services.gateway import server as gateway_server
+from services.index import server as index_server
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+TRAIN_PER_LABEL = 100
+
+
+def wait_serving(address: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout} s")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def cifar() -> Path:
+    if not (CIFAR / "train").is_dir():
+        pytest.fail(f"test data missing: {CIFAR} (see ../shared/data/README.md)")
+    return CIFAR
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_config=ray.LoggingConfig(log_level="WARNING"))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_options(data: Path, artifacts: Path, cache: Path, **overrides) -> Options:
+    defaults = dict(data=data, index_data=None, artifacts=artifacts, cache=cache,
+                    limit_per_label=TRAIN_PER_LABEL, head=HeadConfig(epochs=15))
+    return Options(**{**defaults, **overrides})
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tmp_path_factory, ray_runtime, cache_dir, cifar) -> Path:
+    """A real artifact: EfficientNet-Lite0 + GloVe 6B 50d, head trained on 100 photos per class."""
+    root = tmp_path_factory.mktemp("artifacts")
+    run(train_options(cifar / "train", root, cache_dir))
+    return root
+
+
+@dataclass(frozen=True)
+class Addresses:
+    gateway: str
+    encoder: str
+    index: str
+
+
+@pytest.fixture(scope="session")
+def services(artifact_root) -> Addresses:
+    """The three real services on loopback ports picked by the OS."""
+    with index_server.run_server(0, str(artifact_root)) as (_, index_port), \
+            encoder_server.run_server(0, str(artifact_root)) as (_, encoder_port), \
+            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port):
+        addresses = Addresses(f"127.0.0.1:{port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}")
+        for address in (addresses.index, addresses.encoder, addresses.gateway):
+            wait_serving(address)
+        yield addresses

@@ -1,0 +1,44 @@
+"""The query language: parsing and the weighted mean of unit word vectors."""
+
+import numpy as np
+import pytest
+
+from services.encoder.query import QueryError, Term, UnknownWordsError, embed, parse
+
+
+def test_words_are_split_and_lower_cased():
+    assert parse("  Cat   SOFA ") == [Term("cat", 1.0), Term("sofa", 1.0)]
+
+
+def test_plus_minus_and_weights():
+    assert parse("cat+sofa-dog") == [Term("cat", 1.0), Term("sofa", 1.0), Term("dog", -1.0)]
+    assert parse("cat:2 sofa -dog:0.5") == [Term("cat", 2.0), Term("sofa", 1.0), Term("dog", -0.5)]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "-dog", "cat:", "cat::2", "x" * 1001, " ".join(["a"] * 65)])
+def test_malformed_queries_are_rejected(text):
+    with pytest.raises(QueryError):
+        parse(text)
+
+
+ROWS = {"cat": 0, "sofa": 1, "dog": 2}
+VECTORS = np.asarray([[1, 0, 0], [0, 1, 0], [0.6, 0.8, 0]], dtype=np.float32)
+
+
+def test_embedding_is_the_normalised_weighted_sum():
+    vector = embed(parse("cat:2 sofa"), ROWS, VECTORS)
+    np.testing.assert_allclose(vector, np.asarray([2, 1, 0]) / np.sqrt(5), rtol=1e-6)
+    negative = embed(parse("cat+sofa-dog"), ROWS, VECTORS)
+    np.testing.assert_allclose(negative, np.asarray([0.4, 0.2, 0]) / np.linalg.norm([0.4, 0.2, 0]), rtol=1e-6)
+
+
+def test_unknown_words_are_all_named_once():
+    with pytest.raises(UnknownWordsError) as error:
+        embed(parse("cat zorp sofa zorp blib"), ROWS, VECTORS)
+    assert error.value.words == ["zorp", "blib"]
+    assert str(error.value) == "unknown words: zorp, blib"
+
+
+def test_terms_that_cancel_out_are_an_error():
+    with pytest.raises(QueryError, match="cancel"):
+        embed(parse("cat-cat"), ROWS, VECTORS)
