@@ -13,6 +13,9 @@ ARTIFACTS ?= artifacts
 CACHE ?= .cache
 WORDS ?=
 BACKBONE ?= efficientnet-lite0
+BACKBONE_WEIGHTS ?=
+EPOCHS ?=
+LOSS ?=
 HOST ?= 127.0.0.1
 GATEWAY_PORT ?= 50050
 ENCODER_PORT ?= 50051
@@ -44,7 +47,9 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 
 batch-train: setup
 	$(PY) -m batch.train $(if $(DATA),--data $(DATA)) $(if $(INDEX_DATA),--index-data $(INDEX_DATA)) \
-		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS))
+		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS)) \
+		$(if $(BACKBONE_WEIGHTS),--backbone-weights $(BACKBONE_WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(LOSS),--loss $(LOSS))
 
 serve: setup stop
 	@mkdir -p $(RUN)

@@ -191,12 +191,12 @@ def summary(version_dir: Path, report: dict) -> str:
     )
 
 
-def default_data() -> Path:
+def default_data(cache: Path) -> Path:
     if SHARED_CIFAR.is_dir():
         return SHARED_CIFAR
     from batch.cifar import ensure_cifar10
 
-    return ensure_cifar10(REPO / ".cache" / "cifar10")
+    return ensure_cifar10(cache / "cifar10")
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -223,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     return Options(
-        data=Path(args.data) if args.data else default_data(),
+        data=Path(args.data) if args.data else default_data(Path(args.cache)),
         index_data=Path(args.index_data) if args.index_data else None,
         artifacts=Path(args.artifacts), cache=Path(args.cache),
         word_vectors=args.word_vectors, backbone=args.backbone, backbone_weights=args.backbone_weights,
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     if not ray.is_initialized():
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}),
-                 logging_config=ray.LoggingConfig(log_level="WARNING"))
+                 log_to_driver=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
     try:
         run(options)
     except (ValueError, FileNotFoundError) as error:

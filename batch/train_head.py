@@ -85,7 +85,7 @@ def _train_loop(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config["learning_rate"], total_steps=config["epochs"] * max(1, -(-len(train_x) // config["batch_size"]))
     )
-    best = (-1.0, None, 0)
+    best, history = (-1.0, None, 0), []
     generator = torch.Generator().manual_seed(config["seed"] + rank)
     for epoch in range(config["epochs"]):
         started = time.perf_counter()
@@ -108,10 +108,9 @@ def _train_loop(config: dict) -> None:
             val_hit1 = float((predicted == val_y).float().mean()) if len(val_y) else 0.0
         if val_hit1 > best[0]:
             best = (val_hit1, {k: v.clone() for k, v in module.state_dict().items()}, epoch + 1)
-        if rank == 0:
-            print(f"head epoch {epoch + 1}/{config['epochs']}: loss {total / len(order):.4f}, "
-                  f"validation hit@1 {val_hit1:.3f} ({time.perf_counter() - started:.1f} s)", flush=True)
-    metrics = {"best_val_hit1": best[0], "best_epoch": best[2]}
+        history.append({"epoch": epoch + 1, "loss": total / len(order), "val_hit1": val_hit1,
+                        "seconds": time.perf_counter() - started})
+    metrics = {"best_val_hit1": best[0], "best_epoch": best[2], "history": history}
     if rank == 0:
         with tempfile.TemporaryDirectory() as directory:
             torch.save(best[1], Path(directory) / "head.pt")
@@ -157,6 +156,8 @@ def train_head(
         "label_vectors": label_vectors.astype(np.float32),
     }
     loop_config = {**config.__dict__, "data_ref": ray.put(data)}
+    log.info("training the head with Ray Train: %d epochs on %d images (%d for validation)",
+             config.epochs, len(train_rows), len(val_rows))
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _train_loop,
@@ -170,6 +171,9 @@ def train_head(
         module.load_state_dict(torch.load(Path(directory) / "head.pt", weights_only=True))
     module.eval()
     metrics = result.metrics
+    for epoch in metrics["history"]:
+        log.info("head epoch %d/%d: loss %.4f, validation hit@1 %.3f (%.1f s)", epoch["epoch"], config.epochs,
+                 epoch["loss"], epoch["val_hit1"], epoch["seconds"])
     log.info("head trained: best validation hit@1 %.3f at epoch %d", metrics["best_val_hit1"], metrics["best_epoch"])
     return TrainedHead(fold(module), float(metrics["best_val_hit1"]), int(metrics["best_epoch"]),
                        time.perf_counter() - started)
