@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -121,7 +122,8 @@ def export_onnx(name: str, destination: Path, weights: str | None = None) -> Pat
     handle, temporary = tempfile.mkstemp(dir=destination.parent, suffix=".onnx.tmp")
     os.close(handle)
     log.info("exporting %s to ONNX (once; cached at %s)", name, destination)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding notes
         torch.onnx.export(
             module,
             (torch.zeros(1, 3, size, size),),

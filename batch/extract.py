@@ -82,7 +82,7 @@ def extract(
                 "threads": threads_per_actor,
             },
             batch_size=batch_size,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads_per_actor,
             batch_format="numpy",
         )

@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = parse_args(argv)
     if not ray.is_initialized():
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}),
-                 log_to_driver=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}), log_to_driver=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # this job logs its own progress
     try:
         run(options)
     except (ValueError, FileNotFoundError) as error:

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
 from services.gateway import server as gateway_server
+from services.index import server as index_server
 from tests.conftest import wait_serving
 
 
@@ -152,3 +153,17 @@ def test_gateway_answers_unavailable_within_its_deadline_when_downstream_is_slow
                     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         server.stop(0)
+
+
+def test_a_service_whose_artifact_fails_to_load_says_so(tmp_path):
+    failures = []
+    with index_server.run_server(0, str(tmp_path / "no-artifact"), on_load_failure=failures.append) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures and "make batch-train" in str(failures[0])
+        code, details = status_of(index_pb2_grpc.IndexStub(channel).Info, index_pb2.IndexInfoRequest())
+        assert code == grpc.StatusCode.UNAVAILABLE and "failed to load" in details
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -70,6 +70,27 @@ def grpc_server(
         server.stop(GRACE_SECONDS).wait()
 
 
+@contextmanager
+def serve_when_loaded(
+    port: int,
+    host: str,
+    service: str,
+    register: Callable[[grpc.Server, Loading], None],
+    load: Callable[[], object],
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> Iterator[tuple[grpc.Server, int]]:
+    """A server whose core loads in the background: UNAVAILABLE and NOT_SERVING until it has."""
+    loading = Loading(service.rsplit(".", 1)[-1])
+
+    def add(server: grpc.Server) -> list[str]:
+        register(server, loading)
+        return [service]
+
+    with grpc_server(port, add, host=host) as (server, bound, health_servicer):
+        load_in_background(loading, load, lambda: set_serving(health_servicer, [service], True), on_load_failure)
+        yield server, bound
+
+
 def set_serving(health_servicer: health.HealthServicer, names: list[str], serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *names]:

@@ -72,19 +72,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int = 0,
                on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the encoder on `port` (0 picks a free one); health turns SERVING once the model has loaded."""
-    loading = common.Loading("encoder")
-    servicer = EncoderServicer(loading)
-
-    def add(server: grpc.Server) -> list[str]:
-        encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
-        return [SERVICE]
-
-    with common.grpc_server(port, add, host=host) as (server, bound, health_servicer):
-        common.load_in_background(
-            loading, lambda: EncoderCore(artifacts, threads=threads),
-            lambda: common.set_serving(health_servicer, [SERVICE], True), on_load_failure,
-        )
-        yield server, bound
+    with common.serve_when_loaded(
+        port, host, SERVICE,
+        lambda server, loading: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(loading), server),
+        lambda: EncoderCore(artifacts, threads=threads), on_load_failure,
+    ) as running:
+        yield running
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,19 +72,12 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1",
                on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded."""
-    loading = common.Loading("index")
-    servicer = IndexServicer(loading)
-
-    def add(server: grpc.Server) -> list[str]:
-        index_pb2_grpc.add_IndexServicer_to_server(servicer, server)
-        return [SERVICE]
-
-    with common.grpc_server(port, add, host=host) as (server, bound, health_servicer):
-        common.load_in_background(
-            loading, lambda: load_index_set(artifacts),
-            lambda: common.set_serving(health_servicer, [SERVICE], True), on_load_failure,
-        )
-        yield server, bound
+    with common.serve_when_loaded(
+        port, host, SERVICE,
+        lambda server, loading: index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(loading), server),
+        lambda: load_index_set(artifacts), on_load_failure,
+    ) as running:
+        yield running
 
 
 def main(argv: list[str] | None = None) -> None:
