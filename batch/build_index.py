@@ -1,4 +1,4 @@
-"""Stage 3: ScaNN indexes for the searchable images and for the whole word vocabulary."""
+"""Stage 3: ScaNN indexes for the searchable images (optionally as shards) and for the whole vocabulary."""
 
 from __future__ import annotations
 
@@ -9,16 +9,33 @@ import numpy as np
 from batch.images import ImageRecord
 from services.common import artifact
 from services.encoder.word_vectors import WordVectors
-from services.index.core import Item, VectorIndex
+from services.index.core import SHARD_DIR, Item, VectorIndex, shard_of
 
 
-def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord], words: WordVectors) -> dict:
-    """Build and save both indexes under `staging/indexes/`; returns their descriptions."""
-    built = {
-        "images": VectorIndex.build("images", image_vectors, [Item(r.id, r.path, r.label) for r in images]),
-        "words": VectorIndex.build("words", words.vectors, [Item(word) for word in words.words]),
+def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord], words: WordVectors,
+                  shards: int = 1) -> dict:
+    """Build and save both indexes under `staging/indexes/`; returns their descriptions.
+
+    With `shards` > 1 the image index is split by a hash of each image's id into
+    `indexes/images/shard-<i>/`, one folder per index process.
+    """
+    indexes_dir = staging / artifact.INDEXES
+    items = [Item(r.id, r.path, r.label) for r in images]
+    if shards > 1:
+        owner = np.asarray([shard_of(item.id, shards) for item in items])
+        for shard in range(shards):
+            rows = np.flatnonzero(owner == shard)
+            part = VectorIndex.build("images", image_vectors[rows], [items[row] for row in rows])
+            part.save(indexes_dir / "images" / SHARD_DIR.format(shard))
+        images_index = part
+    else:
+        images_index = VectorIndex.build("images", image_vectors, items)
+        images_index.save(indexes_dir / "images")
+    words_index = VectorIndex.build("words", words.vectors, [Item(word) for word in words.words])
+    words_index.save(indexes_dir / "words")
+    return {
+        "images": {"size": len(items), "dimension": images_index.dimension, "shards": shards,
+                   **images_index.config.__dict__},
+        "words": {"size": len(words_index), "dimension": words_index.dimension, "shards": 1,
+                  **words_index.config.__dict__},
     }
-    for name, index in built.items():
-        index.save(staging / artifact.INDEXES / name)
-    return {name: {"size": len(index), "dimension": index.dimension, **index.config.__dict__}
-            for name, index in built.items()}

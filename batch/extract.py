@@ -23,6 +23,7 @@ class Extraction:
     features: dict[str, np.ndarray]  # cache key -> feature row
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
     extracted: int = 0  # computed in this run (the rest came from the cache)
+    by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> images extracted there
     seconds: float = 0.0
 
 
@@ -96,6 +97,8 @@ def extract(
                 result.features.update(zip(batch_keys[good].tolist(), batch["features"][good]))
             for key, error in zip(batch_keys[~good], errors[~good]):
                 result.unreadable[path_of_key[key]] = error
+            for node, count in zip(*np.unique(batch["node"].astype(str), return_counts=True)):
+                result.by_node[node] = result.by_node.get(node, 0) + int(count)
             done += len(batch_keys)
             if time.perf_counter() - last_log > 5 or done == len(todo):
                 rate = done / (time.perf_counter() - started)

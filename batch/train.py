@@ -49,6 +49,7 @@ class Options:
     batch_size: int = 64
     actors: int = 1
     threads_per_actor: int = 2
+    shards: int = 1
 
 
 def label_vectors(labels: list[str], words: word_vectors.WordVectors) -> np.ndarray:
@@ -109,6 +110,8 @@ def _versions() -> dict[str, str]:
 def run(options: Options) -> Path:
     """The whole job; returns the published artifact version directory."""
     started = time.perf_counter()
+    if options.shards < 1:
+        raise ValueError(f"--shards must be at least 1; got {options.shards}")
     spec = backbones.spec(options.backbone)
     train_records = limit(labelled(list_images(options.data)), options.limit_per_label)
     if not train_records:
@@ -145,14 +148,15 @@ def run(options: Options) -> Path:
     try:
         shutil.copyfile(onnx_path, staging / artifact.BACKBONE)
         trained.head.save(staging / artifact.HEAD)
-        indexes = build_indexes(staging, image_vectors, index_ok, words)
+        indexes = build_indexes(staging, image_vectors, index_ok, words, options.shards)
         unreadable = extraction.unreadable
         (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
         report = {
             "images": {"labelled": len(train_records), "searchable": len(index_records),
                        "trained_on": len(train_rows), "validation": len(val_rows),
                        "unreadable": len(unreadable), "extracted_now": extraction.extracted,
-                       "from_cache": len(all_records) - extraction.extracted - len(unreadable)},
+                       "from_cache": len(all_records) - extraction.extracted - len(unreadable),
+                       "extracted_by_node": extraction.by_node},
             "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": val_tag,
                            "best_epoch": trained.best_epoch},
             "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
@@ -220,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--limit-per-label", type=int, default=0, help="use at most N images per label (quick runs)")
     parser.add_argument("--actors", type=int, default=1, help="Ray Data extraction actors")
     parser.add_argument("--threads-per-actor", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=int(env("SHARDS", 1)),
+                        help="write the image index as N shards, one per index process (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     return Options(
@@ -229,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         word_vectors=args.word_vectors, backbone=args.backbone, backbone_weights=args.backbone_weights,
         head=HeadConfig(epochs=args.epochs, loss=args.loss, seed=args.seed),
         val_fraction=args.val_fraction, limit_per_label=args.limit_per_label,
-        actors=args.actors, threads_per_actor=args.threads_per_actor,
+        actors=args.actors, threads_per_actor=args.threads_per_actor, shards=args.shards,
     )
 
 

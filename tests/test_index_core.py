@@ -62,7 +62,7 @@ def small(glove):
 
 def test_min_score_exclude_and_k_larger_than_the_index(small, glove):
     query = small.vector_of("king")
-    hits = small.search(query, 10, exclude="king")
+    hits = small.search(query, 10, exclude={"king"})
     assert "king" not in [h.item.id for h in hits] and len(hits) == 10
     assert small.search(query, 1)[0].item.id == "king"
     filtered = small.search(query, 1000, min_score=0.6)

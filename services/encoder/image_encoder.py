@@ -66,7 +66,7 @@ class ImageEncoder:
         return self.head(self.features(images))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data `map_batches`: {"path", "key"} rows -> {"key", "features", "error"}.
+        """Ray Data `map_batches`: {"path", "key"} rows -> {"key", "features", "error", "node"}.
 
         An unreadable image yields a zero feature row and a non-empty `error`; it never
         fails the batch.
@@ -83,4 +83,12 @@ class ImageEncoder:
         good_features = self.features_of_pixels(np.stack(good) if good else np.zeros((0,)))
         features = np.zeros((len(pixels), self.feature_dimension), np.float32)
         features[[i for i, p in enumerate(pixels) if p is not None]] = good_features
-        return {"key": batch["key"], "features": features, "error": np.asarray(errors, dtype=object)}
+        node = np.asarray([_ray_node_id()] * len(pixels), dtype=object)
+        return {"key": batch["key"], "features": features, "error": np.asarray(errors, dtype=object), "node": node}
+
+
+def _ray_node_id() -> str:
+    """The Ray node this batch ran on (empty outside Ray), so a job can show where its work went."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import server as common
+from services.gateway.downstream import Downstream
 
 log = logging.getLogger(__name__)
 
@@ -22,58 +22,6 @@ SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 MAX_K = 1000
 DEFAULT_TIMEOUT = 10.0
 HEALTH_POLL_SECONDS = 1.0
-# Client errors pass through unchanged; a downstream that is down or slow is UNAVAILABLE.
-_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
-_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-def _channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", common.MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", common.MAX_MESSAGE_BYTES),
-    ])
-
-
-class Downstream:
-    """Long-lived channels and stubs to the encoder and the index, shared by all calls."""
-
-    def __init__(self, encoder_address: str, index_address: str, timeout: float):
-        self.timeout = timeout
-        self.addresses = {"encoder": encoder_address, "index": index_address}
-        self.channels = {name: _channel(address) for name, address in self.addresses.items()}
-        self.encoder = encoder_pb2_grpc.EncoderStub(self.channels["encoder"])
-        self.index = index_pb2_grpc.IndexStub(self.channels["index"])
-        self.health = {name: health_pb2_grpc.HealthStub(ch) for name, ch in self.channels.items()}
-
-    def call(self, name: str, method, request, context: grpc.ServicerContext):
-        """Call `method` with a deadline (ours, or the caller's if sooner); map its errors to ours."""
-        remaining = context.time_remaining()
-        timeout = self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
-        try:
-            return method(request, timeout=timeout)
-        except grpc.RpcError as error:
-            code, details = error.code(), error.details()
-            if code in _PASS_THROUGH:
-                context.abort(code, details)
-            if code in _UNAVAILABLE:
-                context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"{name} service at {self.addresses[name]} is unavailable ({code.name}: {details})")
-            log.error("%s service failed: %s %s", name, code, details)
-            context.abort(grpc.StatusCode.INTERNAL, f"{name} service failed: {code.name}")
-
-    def all_serving(self) -> bool:
-        for stub in self.health.values():
-            try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_POLL_SECONDS)
-            except grpc.RpcError:
-                return False
-            if response.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-        return True
-
-    def close(self) -> None:
-        for channel in self.channels.values():
-            channel.close()
 
 
 def _check_k(k: int, context) -> None:
@@ -151,11 +99,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _search(self, index: str, context, k: int, min_score: float | None, *, vector=None, id=None):
         request = index_pb2.IndexSearchRequest(index=index, k=k, min_score=min_score)
-        if id is not None:
+        if id is not None and index == "words":
             request.id = id
-            request.exclude_self = True
+        elif id is not None:  # the image may live on any shard: search with its stored vector
+            request.vector.values.extend(self.downstream.image_vector(id, context))
         else:
             request.vector.values.extend(vector)
+        if id is not None:
+            request.exclude_ids.append(id)
+        if index == "images":
+            return self.downstream.search_images(request, context)
         return self.downstream.call("index", self.downstream.index.Search, request, context)
 
 
@@ -173,9 +126,12 @@ def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.E
 
 @contextmanager
 def run_server(port: int, encoder_address: str, index_address: str, host: str = "127.0.0.1",
-               timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[grpc.Server, int]]:
-    """Serve the gateway on `port` (0 picks a free one); SERVING while encoder and index are."""
-    downstream = Downstream(encoder_address, index_address, timeout)
+               timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None) -> Iterator[tuple[grpc.Server, int]]:
+    """Serve the gateway on `port` (0 picks a free one); SERVING while every downstream service is.
+
+    Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
+    """
+    downstream = Downstream(encoder_address, index_address, timeout, image_shards)
     servicer = GatewayServicer(downstream)
 
     def add(server: grpc.Server) -> list[str]:
@@ -202,12 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=env("GATEWAY_HOST", "127.0.0.1"))
     parser.add_argument("--encoder", default=env("ENCODER_ADDRESS", "127.0.0.1:50051"))
     parser.add_argument("--index", default=env("INDEX_ADDRESS", "127.0.0.1:50052"))
+    parser.add_argument("--image-shard", action="append", default=env("IMAGE_SHARDS", "").split(),
+                        help="address of one image-index shard, in shard order (repeat per shard); "
+                             "default: the images index of --index")
     parser.add_argument("--timeout", type=float, default=float(env("DOWNSTREAM_TIMEOUT", DEFAULT_TIMEOUT)),
                         help="deadline in seconds for each downstream call")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    with run_server(args.port, args.encoder, args.index, args.host, args.timeout):
+    with run_server(args.port, args.encoder, args.index, args.host, args.timeout, args.image_shard):
         common.wait_for_signal(stop)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import math
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import scann
@@ -136,11 +140,12 @@ class VectorIndex:
             raise UnknownId(f"no item {item_id!r} in index {self.name!r}")
         return self.vectors[row]
 
-    def search(self, query, k: int, min_score: float | None = None, exclude: str | None = None) -> list[Hit]:
+    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
+        """Top k by cosine similarity, best first; `exclude` ids are left out."""
         check_k(k)
         check_min_score(min_score)
         query = unit_query(query, self.dimension)
-        wanted = min(k + (1 if exclude is not None else 0), len(self.items))
+        wanted = min(k + len(exclude), len(self.items))
         if wanted == 0:
             return []
         if self.config.method == "brute_force":
@@ -150,8 +155,8 @@ class VectorIndex:
                 query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted)
             )
         hits = [Hit(self.items[row], float(score)) for row, score in zip(rows, scores)]
-        if exclude is not None:
-            hits = [hit for hit in hits if hit.item.id != exclude]
+        if exclude:
+            hits = [hit for hit in hits if hit.item.id not in exclude]
         if min_score is not None:
             hits = [hit for hit in hits if hit.score >= min_score]
         return hits[:k]
@@ -214,19 +219,79 @@ def read_items(path: Path) -> list[Item]:
         return [Item(**json.loads(line)) for line in handle]
 
 
-class IndexSet:
-    """The named indexes of one artifact version."""
+SHARD_DIR = "shard-{}"
 
-    def __init__(self, indexes: dict[str, VectorIndex], version: str = ""):
+
+def shard_of(item_id: str, shards: int) -> int:
+    """The shard an item lives in: a stable hash of its id, so adds land where lookups go."""
+    return zlib.crc32(item_id.encode("utf-8")) % shards
+
+
+def merge(hit_lists: list[list[Hit]], k: int) -> list[Hit]:
+    """The global top k of per-shard top-k lists (exact when each list is exact)."""
+    return heapq.nlargest(k, itertools.chain.from_iterable(hit_lists), key=lambda hit: (hit.score, hit.item.id))
+
+
+class ShardedIndex:
+    """All shards of one index searched together, for a single process serving a sharded artifact."""
+
+    def __init__(self, name: str, shards: list[VectorIndex]):
+        self.name = name
+        self.shards = shards
+        self.config = shards[0].config
+
+    @property
+    def dimension(self) -> int:
+        return self.shards[0].dimension
+
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+    def vector_of(self, item_id: str) -> np.ndarray:
+        return self.shards[shard_of(item_id, len(self.shards))].vector_of(item_id)
+
+    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
+        return merge([shard.search(query, k, min_score, exclude) for shard in self.shards], k)
+
+
+def _shard_dirs(directory: Path) -> list[Path]:
+    count = len(list(directory.glob(SHARD_DIR.format("*"))))
+    return [directory / SHARD_DIR.format(i) for i in range(count)]
+
+
+class IndexSet:
+    """The named indexes of one artifact version (all of them, or some, or one shard of a sharded one)."""
+
+    def __init__(self, indexes: dict[str, VectorIndex | ShardedIndex], version: str = "",
+                 shards: dict[str, tuple[int, int]] | None = None):
         self.indexes = indexes
         self.version = version
+        self.shards = shards or {}  # name -> (this shard, shard count), for one shard of a sharded index
 
     @classmethod
-    def load(cls, indexes_dir: Path, version: str = "") -> "IndexSet":
-        names = sorted(p.name for p in indexes_dir.iterdir() if p.is_dir())
-        return cls({name: VectorIndex.load(name, indexes_dir / name) for name in names}, version)
+    def load(cls, indexes_dir: Path, version: str = "", names: list[str] | None = None,
+             shard: int | None = None) -> "IndexSet":
+        """Load `names` (default: all); with `shard`, sharded indexes load only that shard."""
+        available = sorted(p.name for p in indexes_dir.iterdir() if p.is_dir())
+        unknown = sorted(set(names or []) - set(available))
+        if unknown:
+            raise UnknownIndex(f"no index named {', '.join(unknown)} in {indexes_dir}; there are: {', '.join(available)}")
+        loaded: dict[str, VectorIndex | ShardedIndex] = {}
+        serving_shards: dict[str, tuple[int, int]] = {}
+        for name in names or available:
+            shard_dirs = _shard_dirs(indexes_dir / name)
+            if not shard_dirs:
+                loaded[name] = VectorIndex.load(name, indexes_dir / name)
+            elif shard is None:
+                loaded[name] = ShardedIndex(name, [VectorIndex.load(name, d) for d in shard_dirs])
+            elif 0 <= shard < len(shard_dirs):
+                loaded[name] = VectorIndex.load(name, shard_dirs[shard])
+                serving_shards[name] = (shard, len(shard_dirs))
+            else:
+                raise ValueError(f"index {name!r} has {len(shard_dirs)} shards; there is no shard {shard}")
+        return cls(loaded, version, serving_shards)
 
-    def get(self, name: str) -> VectorIndex:
+    def get(self, name: str) -> VectorIndex | ShardedIndex:
         index = self.indexes.get(name)
         if index is None:
             raise UnknownIndex(f"no index named {name!r}; there are: {', '.join(sorted(self.indexes))}")

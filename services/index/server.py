@@ -19,12 +19,13 @@ from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
 log = logging.getLogger(__name__)
 
 SERVICE = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
+MAX_IDS = 1000
 
 
-def load_index_set(artifacts: str) -> IndexSet:
+def load_index_set(artifacts: str, names: list[str] | None = None, shard: int | None = None) -> IndexSet:
     directory = artifact.resolve(artifacts)
     manifest = artifact.read_manifest(directory)
-    return IndexSet.load(directory / artifact.INDEXES, manifest["version"])
+    return IndexSet.load(directory / artifact.INDEXES, manifest["version"], names, shard)
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
@@ -38,13 +39,12 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             index = indexes.get(request.index)
             which = request.WhichOneof("query")
             if which == "vector":
-                query, exclude = request.vector.values, None
+                query = request.vector.values
             elif which == "id":
                 query = index.vector_of(request.id)
-                exclude = request.id if request.exclude_self else None
             else:
                 raise InvalidQuery("the request needs a query: a vector or an id")
-            hits = index.search(query, request.k, min_score, exclude=exclude)
+            hits = index.search(query, request.k, min_score, exclude=set(request.exclude_ids))
         except InvalidQuery as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except (UnknownIndex, UnknownId) as error:
@@ -54,6 +54,17 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             for hit in hits
         ])
 
+    def GetVectors(self, request, context):
+        indexes: IndexSet = self.loading.get(context)
+        if len(request.ids) > MAX_IDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(request.ids)} ids in one call; the limit is {MAX_IDS}")
+        try:
+            index = indexes.get(request.index)
+            vectors = [index.vector_of(item_id) for item_id in request.ids]
+        except (UnknownIndex, UnknownId) as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.GetVectorsResponse(vectors=[index_pb2.FloatVector(values=v.tolist()) for v in vectors])
+
     def Info(self, request, context):
         indexes: IndexSet = self.loading.get(context)
         names = [request.index] if request.index else sorted(indexes.indexes)
@@ -62,20 +73,25 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         except UnknownIndex as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         return index_pb2.IndexInfo(
-            indexes=[index_pb2.IndexDescription(name=i.name, size=len(i), dimension=i.dimension, method=i.config.method)
+            indexes=[index_pb2.IndexDescription(name=i.name, size=len(i), dimension=i.dimension, method=i.config.method,
+                                                shard=indexes.shards.get(i.name, (0, 0))[0],
+                                                shards=indexes.shards.get(i.name, (0, 0))[1])
                      for i in described],
             artifact_version=indexes.version,
         )
 
 
 @contextmanager
-def run_server(port: int, artifacts: str, host: str = "127.0.0.1",
-               on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
-    """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded."""
+def run_server(port: int, artifacts: str, host: str = "127.0.0.1", names: list[str] | None = None,
+               shard: int | None = None, on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
+    """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded.
+
+    `names` limits which indexes load; `shard` serves one shard of each sharded index.
+    """
     with common.serve_when_loaded(
         port, host, SERVICE,
         lambda server, loading: index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(loading), server),
-        lambda: load_index_set(artifacts), on_load_failure,
+        lambda: load_index_set(artifacts, names, shard), on_load_failure,
     ) as running:
         yield running
 
@@ -85,13 +101,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("INDEX_PORT", 50052)))
     parser.add_argument("--host", default=os.environ.get("INDEX_HOST", "127.0.0.1"))
     parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
+    parser.add_argument("--indexes", default=os.environ.get("INDEXES", ""),
+                        help="comma-separated index names to serve (default: all)")
+    parser.add_argument("--shard", type=int, default=None,
+                        help="serve only this shard of each sharded index (default: all shards, merged)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         artifact.resolve(args.artifacts)
     except artifact.ArtifactError as error:
         sys.exit(f"index: {error}")
-    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host))
+    names = [name for name in args.indexes.split(",") if name] or None
+    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, names, args.shard))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""The gateway's downstream services: channels (with replicas), deadlines, shard fan-out, error mapping."""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import json
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from semsearch.v1 import encoder_pb2_grpc, index_pb2, index_pb2_grpc
+from services.common import server as common
+from services.index.core import shard_of
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT = 1.0
+# Client errors pass through unchanged; a downstream that is down or slow is UNAVAILABLE.
+_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+# Round robin over every address a target resolves to (replicas); a call that finds a replica
+# gone (UNAVAILABLE) is retried on another. Both calls are read-only, so retrying is safe.
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "semsearch.v1.Encoder"}, {"service": "semsearch.v1.Index"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
+def grpc_target(address: str) -> str:
+    """`host:port`, a gRPC target (`dns:///svc:50051`), or replicas `ip:port,ip:port` -> a gRPC target."""
+    if "," not in address:
+        return address
+    replicas = [part.strip() for part in address.split(",") if part.strip()]
+    families = set()
+    for replica in replicas:
+        host = replica.rsplit(":", 1)[0].strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(f"replica lists take IP addresses (got {replica!r}); "
+                             "for host names use one DNS name that resolves to every replica") from None
+    if len(families) > 1:
+        raise ValueError(f"replica list mixes IPv4 and IPv6: {address}")
+    return f"ipv{families.pop()}:{','.join(replicas)}"
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(grpc_target(address), options=[
+        ("grpc.max_receive_message_length", common.MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", common.MAX_MESSAGE_BYTES),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ])
+
+
+class Downstream:
+    """Long-lived channels to the encoder, the index (words, and images unless sharded) and image shards."""
+
+    def __init__(self, encoder_address: str, index_address: str, timeout: float,
+                 image_shard_addresses: list[str] | None = None):
+        self.timeout = timeout
+        self.addresses = {"encoder": encoder_address, "index": index_address}
+        self.shard_addresses = list(image_shard_addresses or [])
+        self.channels = {name: channel(address) for name, address in self.addresses.items()}
+        self.shard_channels = [channel(address) for address in self.shard_addresses]
+        self.encoder = encoder_pb2_grpc.EncoderStub(self.channels["encoder"])
+        self.index = index_pb2_grpc.IndexStub(self.channels["index"])
+        self.shards = [index_pb2_grpc.IndexStub(ch) for ch in self.shard_channels]
+
+    def deadline(self, context: grpc.ServicerContext) -> float:
+        """Our timeout, or what is left of the caller's deadline if that is sooner."""
+        remaining = context.time_remaining()
+        return self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
+
+    def call(self, name: str, method, request, context: grpc.ServicerContext):
+        """Call `method` with a deadline; map its errors to ours."""
+        try:
+            return method(request, timeout=self.deadline(context))
+        except grpc.RpcError as error:
+            abort_for(error, f"{name} service at {self.addresses[name]}", context)
+
+    def search_images(self, request: index_pb2.IndexSearchRequest, context) -> index_pb2.IndexSearchResponse:
+        """Search the image index, fanning out to every shard (concurrently) when it is sharded.
+
+        A shard that fails fails the whole call with UNAVAILABLE naming it: a merged answer
+        without that shard would silently miss images.
+        """
+        if not self.shards:
+            return self.call("index", self.index.Search, request, context)
+        timeout = self.deadline(context)
+        pending = [stub.Search.future(request, timeout=timeout) for stub in self.shards]
+        answers = []
+        for number, future in enumerate(pending):
+            try:
+                answers.append(future.result())
+            except grpc.RpcError as error:
+                for other in pending:
+                    other.cancel()
+                abort_for(error, f"image shard {number} of {len(self.shards)} at {self.shard_addresses[number]}", context)
+        best = heapq.nlargest(request.k, itertools.chain.from_iterable(a.neighbors for a in answers),
+                              key=lambda neighbor: (neighbor.score, neighbor.id))
+        return index_pb2.IndexSearchResponse(neighbors=best)
+
+    def image_vector(self, image_id: str, context):
+        """The stored vector of an indexed image (from the shard that holds it)."""
+        request = index_pb2.GetVectorsRequest(index="images", ids=[image_id])
+        if not self.shards:
+            return self.call("index", self.index.GetVectors, request, context).vectors[0].values
+        number = shard_of(image_id, len(self.shards))
+        try:
+            return self.shards[number].GetVectors(request, timeout=self.deadline(context)).vectors[0].values
+        except grpc.RpcError as error:
+            abort_for(error, f"image shard {number} of {len(self.shards)} at {self.shard_addresses[number]}", context)
+
+    def all_serving(self) -> bool:
+        for ch in [*self.channels.values(), *self.shard_channels]:
+            try:
+                response = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
+            except grpc.RpcError:
+                return False
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+        return True
+
+    def close(self) -> None:
+        for ch in [*self.channels.values(), *self.shard_channels]:
+            ch.close()
+
+
+def abort_for(error: grpc.RpcError, downstream: str, context: grpc.ServicerContext):
+    code, details = error.code(), error.details()
+    if code in _PASS_THROUGH:
+        context.abort(code, details)
+    if code in _UNAVAILABLE:
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{downstream} is unavailable ({code.name}: {details})")
+    log.error("%s failed: %s %s", downstream, code, details)
+    context.abort(grpc.StatusCode.INTERNAL, f"{downstream} failed: {code.name}")

@@ -1,0 +1,136 @@
+"""Index shards behind the gateway (fan-out and merge) and encoder replicas (round robin, failover)."""
+
+import threading
+import time
+from contextlib import ExitStack
+
+import grpc
+import numpy as np
+import pytest
+
+from batch.train import run
+from semsearch.v1 import gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
+from services.common import artifact
+from services.encoder import server as encoder_server
+from services.gateway import server as gateway_server
+from services.gateway.client import Client
+from services.gateway.downstream import grpc_target
+from services.index import server as index_server
+from services.index.core import read_items
+from tests.conftest import train_options, wait_serving
+
+SHARDS = 3
+QUERIES = ["ship", "dog", "cat sofa", "airplane+sky", "truck:2 road", "frog-bird", "ocean"]
+
+
+@pytest.fixture(scope="module")
+def sharded_artifact(artifact_root, cache_dir, cifar, tmp_path_factory):
+    """The session artifact's job again, written as 3 image shards (training is deterministic)."""
+    root = tmp_path_factory.mktemp("sharded")
+    run(train_options(cifar / "train", root, cache_dir, shards=SHARDS))
+    return root
+
+
+def test_shards_partition_the_same_images(artifact_root, sharded_artifact):
+    whole, sharded = artifact.resolve(artifact_root), artifact.resolve(sharded_artifact)
+    assert artifact.read_manifest(sharded)["indexes"]["images"]["shards"] == SHARDS
+    parts = [sharded / "indexes" / "images" / f"shard-{i}" for i in range(SHARDS)]
+    items = [item for part in parts for item in read_items(part / "items.jsonl")]
+    vectors = np.concatenate([np.load(part / "vectors.npy") for part in parts])
+    reference = {item.id: row for row, item in enumerate(read_items(whole / "indexes/images/items.jsonl"))}
+    assert sorted(i.id for i in items) == sorted(reference) and all(len(read_items(p / "items.jsonl")) for p in parts)
+    expected = np.load(whole / "indexes/images/vectors.npy")[[reference[i.id] for i in items]]
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sharded_gateway(sharded_artifact):
+    """Three shard processes' worth of index servers, a words index server, an encoder and a gateway."""
+    with ExitStack() as stack:
+        shard_ports = [stack.enter_context(index_server.run_server(0, str(sharded_artifact), names=["images"], shard=i))[1]
+                       for i in range(SHARDS)]
+        words_port = stack.enter_context(index_server.run_server(0, str(sharded_artifact), names=["words"]))[1]
+        encoder_port = stack.enter_context(encoder_server.run_server(0, str(sharded_artifact)))[1]
+        shard_addresses = [f"127.0.0.1:{port}" for port in shard_ports]
+        gateway_port = stack.enter_context(gateway_server.run_server(
+            0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{words_port}", timeout=2.0, image_shards=shard_addresses))[1]
+        address = f"127.0.0.1:{gateway_port}"
+        wait_serving(address)
+        yield address, shard_addresses, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{words_port}"
+
+
+def test_each_shard_server_holds_one_shard(sharded_gateway):
+    shard_addresses = sharded_gateway[1]
+    sizes = []
+    for number, address in enumerate(shard_addresses):
+        with grpc.insecure_channel(address) as channel:
+            (info,) = index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest()).indexes
+        assert (info.name, info.shard, info.shards) == ("images", number, SHARDS)
+        sizes.append(info.size)
+    assert sum(sizes) == 1000 and min(sizes) > 250
+
+
+def test_three_shards_answer_exactly_as_one(services, sharded_gateway):
+    with Client(services.gateway) as whole, Client(sharded_gateway[0]) as sharded:
+        for query in QUERIES:
+            one, three = whole.search(query, k=25), sharded.search(query, k=25)
+            assert [h.id for h in one] == [h.id for h in three], query
+            np.testing.assert_allclose([h.score for h in one], [h.score for h in three], atol=1e-5)
+        for image_id in ("ship/0003.jpg", "cat/0010.jpg"):
+            assert [h.id for h in whole.similar(id=image_id, k=10)] == [h.id for h in sharded.similar(id=image_id, k=10)]
+        assert [w.word for w in whole.words("said", k=5)] == [w.word for w in sharded.words("said", k=5)]
+
+
+def test_a_shard_that_is_down_fails_the_query_by_name(sharded_gateway):
+    _, shard_addresses, encoder_address, words_address = sharded_gateway
+    down = [shard_addresses[0], "127.0.0.1:1", shard_addresses[2]]  # nothing listens on port 1
+    with gateway_server.run_server(0, encoder_address, words_address, timeout=2.0, image_shards=down) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            gateway_pb2_grpc.GatewayStub(channel).Search(gateway_pb2.SearchRequest(text="ship", k=5), timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"image shard 1 of {SHARDS} at 127.0.0.1:1 is unavailable" in error.value.details()
+        assert time.monotonic() - started < 5
+
+
+def test_replica_lists_become_round_robin_targets():
+    assert grpc_target("127.0.0.1:1") == "127.0.0.1:1"
+    assert grpc_target("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert grpc_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    with pytest.raises(ValueError, match="IP addresses"):
+        grpc_target("encoder-a:1,encoder-b:1")
+
+
+def test_no_query_fails_while_an_encoder_replica_stops(artifact_root, services):
+    """Two encoder replicas behind the gateway; one is stopped in the middle of a load run."""
+    with ExitStack() as stack:
+        doomed = ExitStack()
+        ports = [doomed.enter_context(encoder_server.run_server(0, str(artifact_root)))[1],
+                 stack.enter_context(encoder_server.run_server(0, str(artifact_root)))[1]]
+        for port in ports:
+            wait_serving(f"127.0.0.1:{port}")
+        replicas = ",".join(f"127.0.0.1:{port}" for port in ports)
+        gateway_port = stack.enter_context(gateway_server.run_server(0, replicas, services.index, timeout=5.0))[1]
+        wait_serving(f"127.0.0.1:{gateway_port}")
+        errors, answered = [], []
+        stop_at = time.monotonic() + 6
+
+        def load(worker: int) -> None:
+            with Client(f"127.0.0.1:{gateway_port}", timeout=10) as client:
+                while time.monotonic() < stop_at:
+                    try:
+                        answered.append(len(client.search(QUERIES[worker % len(QUERIES)], k=5)))
+                    except grpc.RpcError as error:
+                        errors.append(f"{error.code().name}: {error.details()}")
+
+        workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(2)
+        doomed.close()  # replica 0 drains and stops while the load goes on
+        stopped_at = len(answered)
+        for worker in workers:
+            worker.join()
+    assert errors == [], errors[:5]
+    assert stopped_at > 10 and len(answered) > stopped_at + 10 and set(answered) == {5}
