@@ -16,6 +16,7 @@ BACKBONE ?= efficientnet-lite0
 BACKBONE_WEIGHTS ?=
 EPOCHS ?=
 LOSS ?=
+SHARDS ?=
 HOST ?= 127.0.0.1
 GATEWAY_PORT ?= 50050
 ENCODER_PORT ?= 50051
@@ -26,14 +27,14 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos batch-train serve stop demo eval test clean
+.PHONY: setup protos batch-train serve stop demo eval capacity test clean
 
 setup: $(VENV)/.installed protos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[batch,test]'
 	touch $@
 
 # Stubs are generated into build/gen (never committed) and put on the venv's path by a .pth file.
@@ -49,7 +50,7 @@ batch-train: setup
 	$(PY) -m batch.train $(if $(DATA),--data $(DATA)) $(if $(INDEX_DATA),--index-data $(INDEX_DATA)) \
 		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS)) \
 		$(if $(BACKBONE_WEIGHTS),--backbone-weights $(BACKBONE_WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-		$(if $(LOSS),--loss $(LOSS))
+		$(if $(LOSS),--loss $(LOSS)) $(if $(SHARDS),--shards $(SHARDS))
 
 serve: setup stop
 	@mkdir -p $(RUN)
@@ -90,6 +91,10 @@ demo: batch-train serve
 
 eval: setup
 	$(PY) -m batch.evaluate --artifacts $(ARTIFACTS) --data $(or $(EVAL_DATA),$(error set EVAL_DATA to a labelled folder))
+
+# Measurements behind DEPLOY.md's capacity model (a few minutes; needs an artifact for the service part).
+capacity: setup
+	$(PY) -m bench.capacity --artifacts $(ARTIFACTS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -37,13 +37,15 @@ def test_artifact_is_complete_and_its_checksums_hold(artifact_root, cifar):
 
 
 def test_rerun_uses_the_cache_and_moves_current(artifact_root, cache_dir, cifar, tmp_path):
-    before = artifact.resolve(artifact_root)
-    version = batch.train.run(train_options(cifar / "train", artifact_root, cache_dir, head=HeadConfig(epochs=2)))
-    report = json.loads((version / artifact.REPORT).read_text())
+    """Same images and cache as the session artifact: nothing is extracted again."""
+    options = train_options(cifar / "train", tmp_path / "artifacts", cache_dir, head=HeadConfig(epochs=1))
+    first = batch.train.run(options)
+    second = batch.train.run(options)
+    report = json.loads((second / artifact.REPORT).read_text())
     assert report["images"]["extracted_now"] == 0
     assert report["images"]["from_cache"] == 10 * TRAIN_PER_LABEL
-    assert artifact.resolve(artifact_root) == version != before
-    assert before.is_dir()  # the previous version stays for services still using it
+    assert artifact.resolve(tmp_path / "artifacts") == second != first
+    assert first.is_dir()  # the previous version stays for services still using it
 
 
 @pytest.fixture

@@ -80,14 +80,18 @@ def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int 
         yield running
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Encoder service: text or images -> vectors")
     parser.add_argument("--port", type=int, default=int(os.environ.get("ENCODER_PORT", 50051)))
     parser.add_argument("--host", default=os.environ.get("ENCODER_HOST", "127.0.0.1"))
     parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ENCODER_THREADS", 0)),
                         help="ONNX Runtime threads (0: one per core)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         artifact.resolve(args.artifacts)

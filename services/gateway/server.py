@@ -151,22 +151,27 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
     downstream.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(description="Gateway service: Search, Tag, SimilarImages, SimilarWords")
     parser.add_argument("--port", type=int, default=int(env("GATEWAY_PORT", 50050)))
     parser.add_argument("--host", default=env("GATEWAY_HOST", "127.0.0.1"))
     parser.add_argument("--encoder", default=env("ENCODER_ADDRESS", "127.0.0.1:50051"))
     parser.add_argument("--index", default=env("INDEX_ADDRESS", "127.0.0.1:50052"))
-    parser.add_argument("--image-shard", action="append", default=env("IMAGE_SHARDS", "").split(),
-                        help="address of one image-index shard, in shard order (repeat per shard); "
-                             "default: the images index of --index")
+    parser.add_argument("--image-shard", action="append",
+                        help="address of one image-index shard, in shard order (repeat per shard; default: "
+                             "$IMAGE_SHARDS, space-separated, else the images index of --index)")
     parser.add_argument("--timeout", type=float, default=float(env("DOWNSTREAM_TIMEOUT", DEFAULT_TIMEOUT)),
                         help="deadline in seconds for each downstream call")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    with run_server(args.port, args.encoder, args.index, args.host, args.timeout, args.image_shard):
+    shards = args.image_shard or os.environ.get("IMAGE_SHARDS", "").split()
+    with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards):
         common.wait_for_signal(stop)
 
 

@@ -64,7 +64,7 @@ class ScannConfig:
         if n < BRUTE_FORCE_BELOW:
             return cls("brute_force")
         leaves = int(2 * math.sqrt(n))
-        return cls("tree_ah", num_leaves=leaves, leaves_to_search=max(20, leaves // 20), reorder=250)
+        return cls("tree_ah", num_leaves=leaves, leaves_to_search=max(20, leaves // 10), reorder=250)
 
 
 def _build_searcher(vectors: np.ndarray, config: ScannConfig):

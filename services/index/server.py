@@ -96,7 +96,7 @@ def run_server(port: int, artifacts: str, host: str = "127.0.0.1", names: list[s
         yield running
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Index service: ScaNN k-NN over images and words")
     parser.add_argument("--port", type=int, default=int(os.environ.get("INDEX_PORT", 50052)))
     parser.add_argument("--host", default=os.environ.get("INDEX_HOST", "127.0.0.1"))
@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated index names to serve (default: all)")
     parser.add_argument("--shard", type=int, default=None,
                         help="serve only this shard of each sharded index (default: all shards, merged)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         artifact.resolve(args.artifacts)
