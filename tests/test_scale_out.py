@@ -2,6 +2,7 @@
 
 import threading
 import time
+from concurrent import futures
 from contextlib import ExitStack
 
 import grpc
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from batch.train import run
-from semsearch.v1 import gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
+from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import artifact
 from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
@@ -134,3 +135,35 @@ def test_no_query_fails_while_an_encoder_replica_stops(artifact_root, services):
             worker.join()
     assert errors == [], errors[:5]
     assert stopped_at > 10 and len(answered) > stopped_at + 10 and set(answered) == {5}
+
+
+class CountingEncoder(encoder_pb2_grpc.EncoderServicer):
+    """A fake encoder replica that counts its calls (plumbing: how the gateway spreads load)."""
+
+    def __init__(self, vector):
+        self.calls = 0
+        self.vector = vector
+
+    def EncodeText(self, request, context):
+        self.calls += 1
+        return encoder_pb2.EncodeTextResponse(vector=encoder_pb2.Vector(values=self.vector))
+
+
+def test_calls_are_spread_over_every_replica(services):
+    with grpc.insecure_channel(services.encoder) as channel:
+        vector = encoder_pb2_grpc.EncoderStub(channel).EncodeText(encoder_pb2.EncodeTextRequest(text="dog")).vector.values
+    replicas, servers = [CountingEncoder(vector) for _ in range(3)], []
+    try:
+        for replica in replicas:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            encoder_pb2_grpc.add_EncoderServicer_to_server(replica, server)
+            servers.append((server, server.add_insecure_port("127.0.0.1:0")))
+            server.start()
+        addresses = ",".join(f"127.0.0.1:{port}" for _, port in servers)
+        with gateway_server.run_server(0, addresses, services.index) as (_, port), Client(f"127.0.0.1:{port}") as client:
+            for _ in range(30):
+                assert len(client.search("dog", k=3)) == 3
+    finally:
+        for server, _ in servers:
+            server.stop(0)
+    assert sum(r.calls for r in replicas) == 30 and all(r.calls >= 5 for r in replicas), [r.calls for r in replicas]
