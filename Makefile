@@ -27,7 +27,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos batch-train serve stop demo eval capacity test clean
+.PHONY: setup protos batch-train serve stop demo eval capacity bench test clean
 
 setup: $(VENV)/.installed protos
 
@@ -95,6 +95,14 @@ eval: setup
 # Measurements behind DEPLOY.md's capacity model (a few minutes; needs an artifact for the service part).
 capacity: setup
 	$(PY) -m bench.capacity --artifacts $(ARTIFACTS)
+
+# Every speed figure side by side in one run -> BENCHMARKS.md (about 10 minutes on 2 cores).
+bench: setup $(ARTIFACTS)/current
+	$(VENV)/bin/pip install -q -e '.[batch,test,bench]'
+	$(PY) -m bench.run --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/bench.json
+
+$(ARTIFACTS)/current:
+	$(MAKE) --no-print-directory batch-train
 
 test: setup
 	$(PY) -m pytest -q

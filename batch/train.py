@@ -47,8 +47,8 @@ class Options:
     val_fraction: float = 0.1
     limit_per_label: int = 0
     batch_size: int = 64
-    actors: int = 1
-    threads_per_actor: int = 2
+    actors: int = 0  # 0: one per CPU of the Ray cluster (divided by threads_per_actor)
+    threads_per_actor: int = 1
     shards: int = 1
 
 
@@ -127,8 +127,9 @@ def run(options: Options) -> Path:
 
     onnx_path = backbone_onnx(options)
     all_records = list({r.path: r for r in train_records + index_records}.values())
+    actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads_per_actor)
     extraction = extract(all_records, options.backbone, onnx_path, spec.preprocessing, options.cache / "features",
-                         options.batch_size, options.actors, options.threads_per_actor)
+                         options.batch_size, actors, options.threads_per_actor)
     key_of = {r.path: r.cache_key(options.backbone) for r in all_records}
     train_ok = [r for r in train_records if key_of[r.path] in extraction.features]
     index_ok = [r for r in index_records if key_of[r.path] in extraction.features]
@@ -222,8 +223,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--loss", choices=["cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--limit-per-label", type=int, default=0, help="use at most N images per label (quick runs)")
-    parser.add_argument("--actors", type=int, default=1, help="Ray Data extraction actors")
-    parser.add_argument("--threads-per-actor", type=int, default=2)
+    parser.add_argument("--actors", type=int, default=0,
+                        help="Ray Data extraction actors (default: the cluster's CPUs / --threads-per-actor)")
+    parser.add_argument("--threads-per-actor", type=int, default=1,
+                        help="ONNX Runtime threads per actor (default 1: measured fastest, see BENCHMARKS.md)")
     parser.add_argument("--shards", type=int, default=int(env("SHARDS", 1)),
                         help="write the image index as N shards, one per index process (default 1)")
     parser.add_argument("--seed", type=int, default=0)

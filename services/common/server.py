@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from typing import Callable, ContextManager, Iterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common import artifact
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,16 @@ def load_in_background(loading: Loading, load: Callable[[], object], on_ready: C
     thread = threading.Thread(target=target, name=f"load-{loading.name}", daemon=True)
     thread.start()
     return thread
+
+
+def start_entry_point(service: str, artifacts: str | None = None) -> None:
+    """What every service's main() does first: log to stderr, and fail fast without an artifact."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if artifacts is not None:
+        try:
+            artifact.resolve(artifacts)
+        except artifact.ArtifactError as error:
+            sys.exit(f"{service}: {error}")
 
 
 def wait_for_signal(stop: threading.Event) -> None:

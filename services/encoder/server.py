@@ -12,7 +12,6 @@ from typing import Iterator
 import grpc
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
-from services.common import artifact
 from services.common import server as common
 from services.encoder.core import EncoderCore
 from services.encoder.images import ImageError
@@ -92,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        artifact.resolve(args.artifacts)
-    except artifact.ArtifactError as error:
-        sys.exit(f"encoder: {error}")
+    common.start_entry_point("encoder", args.artifacts)
     sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, args.threads))
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import grpc
 
-from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
+from semsearch.v1 import encoder_pb2, gateway_pb2, gateway_pb2_grpc, index_pb2
 from services.common import server as common
 from services.gateway.downstream import Downstream
 
@@ -113,7 +113,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.Event) -> None:
-    """SERVING while both downstream services are; rechecked every second."""
+    """SERVING while every downstream service is; rechecked every second."""
     serving = None
     while not stop.is_set():
         now = downstream.all_serving()
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common.start_entry_point("gateway")
     stop = threading.Event()
     shards = args.image_shard or os.environ.get("IMAGE_SHARDS", "").split()
     with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards):

@@ -110,11 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        artifact.resolve(args.artifacts)
-    except artifact.ArtifactError as error:
-        sys.exit(f"index: {error}")
+    common.start_entry_point("index", args.artifacts)
     names = [name for name in args.indexes.split(",") if name] or None
     sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, names, args.shard))
 
