@@ -135,6 +135,8 @@ def run(options: Options) -> Path:
     index_ok = [r for r in index_records if key_of[r.path] in extraction.features]
     if len({r.label for r in train_ok}) < 2:
         raise ValueError("need readable images of at least two labels to train the head")
+    if not index_ok:
+        raise ValueError(f"{options.index_data}: no readable images to make searchable")
 
     features = np.stack([extraction.features[key_of[r.path]] for r in train_ok])
     label_ids = np.asarray([labels.index(r.label) for r in train_ok])
