@@ -15,6 +15,7 @@ THUMBNAIL = 160
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; background: #fafafa; color: #222; }
+h1 { overflow-wrap: anywhere; font-size: 1.6em; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; width: 170px; background: #fff; border: 1px solid #ddd; padding: 5px; }
 figure img { width: 160px; height: 160px; object-fit: contain; image-rendering: auto; background: #eee; }
