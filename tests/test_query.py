@@ -42,3 +42,13 @@ def test_unknown_words_are_all_named_once():
 def test_terms_that_cancel_out_are_an_error():
     with pytest.raises(QueryError, match="cancel"):
         embed(parse("cat-cat"), ROWS, VECTORS)
+
+
+def test_punctuation_at_word_ends_is_ignored_when_the_bare_word_is_known():
+    rows = {**ROWS, "?": 3}
+    vectors = np.vstack([VECTORS, [[0, 0, 1]]]).astype(np.float32)
+    np.testing.assert_allclose(embed(parse("cat, sofa!"), rows, vectors), embed(parse("cat sofa"), rows, vectors))
+    np.testing.assert_allclose(embed(parse("?"), rows, vectors), [0, 0, 1])
+    with pytest.raises(UnknownWordsError) as error:
+        embed(parse("zorp, 🐱"), rows, vectors)
+    assert error.value.words == ["zorp,", "🐱"]

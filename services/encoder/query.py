@@ -64,14 +64,26 @@ def parse(text: str) -> list[Term]:
     return terms
 
 
+_EDGE_PUNCTUATION = ".,;:!?\"'()[]{}"
+
+
+def _row(word: str, rows: dict[str, int]) -> int | None:
+    """The word's row; failing that, the row of the word without punctuation at its ends (`hello,`)."""
+    row = rows.get(word)
+    if row is None and word.strip(_EDGE_PUNCTUATION):
+        row = rows.get(word.strip(_EDGE_PUNCTUATION))
+    return row
+
+
 def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
     """The unit vector of the weighted sum of the terms' unit word vectors."""
-    unknown = [term.word for term in terms if term.word not in rows]
+    found = {term.word: _row(term.word, rows) for term in terms}
+    unknown = [word for word, row in found.items() if row is None]
     if unknown:
-        raise UnknownWordsError(list(dict.fromkeys(unknown)))
+        raise UnknownWordsError(unknown)
     total = np.zeros(vectors.shape[1], dtype=np.float32)
     for term in terms:
-        total += term.weight * vectors[rows[term.word]]
+        total += term.weight * vectors[found[term.word]]
     norm = float(np.linalg.norm(total))
     if norm == 0.0:
         raise QueryError("the query's terms cancel out")
