@@ -29,7 +29,6 @@ class Loading:
         self.name = name
         self.core = None
         self.error: BaseException | None = None
-        self.ready = threading.Event()
 
     def get(self, context: grpc.ServicerContext):
         if self.core is None:
@@ -113,8 +112,6 @@ def load_in_background(loading: Loading, load: Callable[[], object], on_ready: C
             log.exception("%s failed to load", loading.name)
             if on_failure is not None:
                 on_failure(error)
-        finally:
-            loading.ready.set()
 
     thread = threading.Thread(target=target, name=f"load-{loading.name}", daemon=True)
     thread.start()
