@@ -125,7 +125,7 @@ def measure_services(artifacts: str, seconds: float, photo: Path) -> dict:
 
     from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
     from services.gateway.client import Client
-    from tests.conftest import wait_serving
+    from services.common.wait_ready import wait_serving
 
     ports = {name: _free_port() for name in ("index", "encoder", "gateway")}
     processes = [

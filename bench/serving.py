@@ -92,7 +92,7 @@ def _cpu_seconds(processes) -> list[float]:
 
 
 def bench(artifacts: str, photo: Path, seconds: float = 10.0, clients: int = 16) -> dict:
-    from tests.conftest import wait_serving
+    from services.common.wait_ready import wait_serving
 
     ports = {name: _free_port() for name in ("index", "encoder", "gateway")}
     commands = [

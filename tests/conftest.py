@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import ray
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from batch.train import Options, run
 from batch.train_head import HeadConfig
 from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
+from services.common.wait_ready import wait_serving
 from services.index import server as index_server
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 TRAIN_PER_LABEL = 100
-
-
-def wait_serving(address: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not SERVING after {timeout} s")
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,15 @@ def status(address: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+def wait_serving(address: str, timeout: float = 180.0) -> None:
+    """Block until `address` reports SERVING; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while status(address) != "SERVING":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} not SERVING after {timeout} s")
+        time.sleep(0.2)
+
+
 def alive(pid_file: Path) -> bool:
     try:
         os.kill(int(pid_file.read_text().strip()), 0)
