@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Extraction:
-    features: dict[str, np.ndarray]  # cache key -> feature row
+    features: dict[str, np.ndarray]  # image path -> feature row
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
     extracted: int = 0  # computed in this run (the rest came from the cache)
     by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> images extracted there
@@ -62,13 +62,13 @@ def extract(
     actors: int = 1,
     threads_per_actor: int = 2,
 ) -> Extraction:
-    """Features for `records` (by cache key); missing ones are computed by Ray Data and cached."""
+    """Features for `records` (by image path); those not in the cache are computed by Ray Data and cached."""
     started = time.perf_counter()
     cache = FeatureCache(cache_dir / backbone_name)
     cached = cache.load()
     keys = {record.path: record.cache_key(backbone_name) for record in records}
     todo = [record for record in records if keys[record.path] not in cached]
-    result = Extraction({keys[r.path]: cached[keys[r.path]] for r in records if keys[r.path] in cached})
+    result = Extraction({r.path: cached[keys[r.path]] for r in records if keys[r.path] in cached})
     log.info("features: %d images, %d cached, %d to extract", len(records), len(result.features), len(todo))
     if todo:
         path_of_key = {keys[r.path]: r.path for r in todo}
@@ -94,7 +94,8 @@ def extract(
             batch_keys = batch["key"].astype(str)
             if good.any():
                 cache.append(batch_keys[good].tolist(), batch["features"][good])
-                result.features.update(zip(batch_keys[good].tolist(), batch["features"][good]))
+                result.features.update((path_of_key[key], row) for key, row in
+                                       zip(batch_keys[good].tolist(), batch["features"][good]))
             for key, error in zip(batch_keys[~good], errors[~good]):
                 result.unreadable[path_of_key[key]] = error
             for node, count in zip(*np.unique(batch["node"].astype(str), return_counts=True)):

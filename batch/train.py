@@ -130,22 +130,21 @@ def run(options: Options) -> Path:
     actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads_per_actor)
     extraction = extract(all_records, options.backbone, onnx_path, spec.preprocessing, options.cache / "features",
                          options.batch_size, actors, options.threads_per_actor)
-    key_of = {r.path: r.cache_key(options.backbone) for r in all_records}
-    train_ok = [r for r in train_records if key_of[r.path] in extraction.features]
-    index_ok = [r for r in index_records if key_of[r.path] in extraction.features]
+    train_ok = [r for r in train_records if r.path in extraction.features]
+    index_ok = [r for r in index_records if r.path in extraction.features]
     if len({r.label for r in train_ok}) < 2:
         raise ValueError("need readable images of at least two labels to train the head")
     if not index_ok:
         raise ValueError(f"{options.index_data}: no readable images to make searchable")
 
-    features = np.stack([extraction.features[key_of[r.path]] for r in train_ok])
+    features = np.stack([extraction.features[r.path] for r in train_ok])
     label_ids = np.asarray([labels.index(r.label) for r in train_ok])
     train_rows, val_rows = split(label_ids, options.val_fraction, options.head.seed)
     trained = train_head(features, label_ids, targets, train_rows, val_rows, options.head, options.cache / "ray-train")
 
     val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
         if len(val_rows) else 0.0
-    image_vectors = trained.head(np.stack([extraction.features[key_of[r.path]] for r in index_ok]))
+    image_vectors = trained.head(np.stack([extraction.features[r.path] for r in index_ok]))
 
     staging = new_staging(options.artifacts)
     try:

@@ -17,7 +17,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -90,9 +92,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(module: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextmanager
+def running_services(artifacts: str) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+    """Index, encoder and gateway as separate processes on free loopback ports, until SERVING.
+
+    Yields ({"index": address, "encoder": ..., "gateway": ...}, the processes in that order).
+    """
+    from services.common.wait_ready import wait_serving
+
+    addresses = {name: f"127.0.0.1:{_free_port()}" for name in ("index", "encoder", "gateway")}
+    port = {name: address.rsplit(":", 1)[1] for name, address in addresses.items()}
+    commands = [
+        ["services.index.server", "--port", port["index"], "--artifacts", artifacts],
+        ["services.encoder.server", "--port", port["encoder"], "--artifacts", artifacts],
+        ["services.gateway.server", "--port", port["gateway"], "--encoder", addresses["encoder"],
+         "--index", addresses["index"]],
+    ]
+    processes = [subprocess.Popen([sys.executable, "-m", *command], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for command in commands]
+    try:
+        for address in addresses.values():
+            wait_serving(address)
+        yield addresses, processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
 
 
 def load_test(call, seconds: float, clients: int) -> dict:
@@ -125,39 +151,23 @@ def measure_services(artifacts: str, seconds: float, photo: Path) -> dict:
 
     from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
     from services.gateway.client import Client
-    from services.common.wait_ready import wait_serving
 
-    ports = {name: _free_port() for name in ("index", "encoder", "gateway")}
-    processes = [
-        _start("services.index.server", "--port", str(ports["index"]), "--artifacts", artifacts),
-        _start("services.encoder.server", "--port", str(ports["encoder"]), "--artifacts", artifacts),
-        _start("services.gateway.server", "--port", str(ports["gateway"]),
-               "--encoder", f"127.0.0.1:{ports['encoder']}", "--index", f"127.0.0.1:{ports['index']}"),
-    ]
-    try:
-        for port in ports.values():
-            wait_serving(f"127.0.0.1:{port}")
-        image = photo.read_bytes()
-        with Client(f"127.0.0.1:{ports['gateway']}") as client, \
-                grpc.insecure_channel(f"127.0.0.1:{ports['encoder']}") as encoder_channel, \
-                grpc.insecure_channel(f"127.0.0.1:{ports['index']}") as index_channel:
-            encoder = encoder_pb2_grpc.EncoderStub(encoder_channel)
-            index = index_pb2_grpc.IndexStub(index_channel)
-            vector = encoder.EncodeText(encoder_pb2.EncodeTextRequest(text="dog")).vector.values
-            search = index_pb2.IndexSearchRequest(index="images", vector=index_pb2.FloatVector(values=vector), k=10)
-            return {
-                "gateway_text_search": load_test(lambda: client.search("dog", k=10), seconds, 8),
-                "index_search_direct": load_test(lambda: index.Search(search), seconds, 8),
-                "encoder_text_direct": load_test(lambda: encoder.EncodeText(encoder_pb2.EncodeTextRequest(text="dog")),
-                                                 seconds, 8),
-                "encoder_image_direct": load_test(lambda: encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=image)),
-                                                  seconds, 2),
-            }
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
+    image = photo.read_bytes()
+    with running_services(artifacts) as (addresses, _), Client(addresses["gateway"]) as client, \
+            grpc.insecure_channel(addresses["encoder"]) as encoder_channel, \
+            grpc.insecure_channel(addresses["index"]) as index_channel:
+        encoder = encoder_pb2_grpc.EncoderStub(encoder_channel)
+        index = index_pb2_grpc.IndexStub(index_channel)
+        vector = encoder.EncodeText(encoder_pb2.EncodeTextRequest(text="dog")).vector.values
+        search = index_pb2.IndexSearchRequest(index="images", vector=index_pb2.FloatVector(values=vector), k=10)
+        return {
+            "gateway_text_search": load_test(lambda: client.search("dog", k=10), seconds, 8),
+            "index_search_direct": load_test(lambda: index.Search(search), seconds, 8),
+            "encoder_text_direct": load_test(lambda: encoder.EncodeText(encoder_pb2.EncodeTextRequest(text="dog")),
+                                             seconds, 8),
+            "encoder_image_direct": load_test(lambda: encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=image)),
+                                              seconds, 2),
+        }
 
 
 def markdown(report: dict) -> str:

@@ -52,8 +52,7 @@ def run(args) -> dict:
     log.info("2/5 head training")
     spec = backbones.spec("efficientnet-lite0")
     features = extract(records, "efficientnet-lite0", onnx_path, spec.preprocessing, cache / "features")
-    keys = [r.cache_key("efficientnet-lite0") for r in records]
-    x = np.stack([features.features[k] for k in keys])
+    x = np.stack([features.features[r.path] for r in records])
     names = sorted({r.label for r in records})
     words = word_vectors.load()
     y = np.asarray([names.index(r.label) for r in records])

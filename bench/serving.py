@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.capacity import REPO, _free_port
+from bench.capacity import running_services
 
 WORDS = ["dog", "cat", "ship", "truck", "horse", "bird", "frog", "deer", "airplane", "car", "boat", "sea",
          "road", "sky", "water", "animal", "plane", "house", "tree", "green"]
@@ -92,21 +90,8 @@ def _cpu_seconds(processes) -> list[float]:
 
 
 def bench(artifacts: str, photo: Path, seconds: float = 10.0, clients: int = 16) -> dict:
-    from services.common.wait_ready import wait_serving
-
-    ports = {name: _free_port() for name in ("index", "encoder", "gateway")}
-    commands = [
-        ["services.index.server", "--port", str(ports["index"]), "--artifacts", artifacts],
-        ["services.encoder.server", "--port", str(ports["encoder"]), "--artifacts", artifacts],
-        ["services.gateway.server", "--port", str(ports["gateway"]), "--encoder", f"127.0.0.1:{ports['encoder']}",
-         "--index", f"127.0.0.1:{ports['index']}"],
-    ]
-    servers = [subprocess.Popen([sys.executable, "-m", *c], cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL) for c in commands]
-    try:
-        for port in ports.values():
-            wait_serving(f"127.0.0.1:{port}")
-        gateway, index = f"127.0.0.1:{ports['gateway']}", f"127.0.0.1:{ports['index']}"
+    with running_services(artifacts) as (addresses, servers):
+        gateway, index = addresses["gateway"], addresses["index"]
         before = _cpu_seconds(servers)
         text = load("gateway", gateway, seconds, clients, 4)
         spent = [after - start for after, start in zip(_cpu_seconds(servers), before)]
@@ -114,15 +99,10 @@ def bench(artifacts: str, photo: Path, seconds: float = 10.0, clients: int = 16)
         text["cpu_ms_per_query"] = {name: round(cpu / queries * 1000, 3)
                                     for name, cpu in zip(("index", "encoder", "gateway"), spent)}
         before = _cpu_seconds(servers)
-        direct = load("index", index, seconds, clients, 4, f"127.0.0.1:{ports['encoder']}".encode())
+        direct = load("index", index, seconds, clients, 4, addresses["encoder"].encode())
         direct["cpu_ms_per_query"] = {
             "index": round((_cpu_seconds(servers)[0] - before[0]) / (direct["qps"] * seconds) * 1000, 3)}
         image = load("image", gateway, seconds, 2, 2, photo.read_bytes())
-    finally:
-        for server in servers:
-            server.terminate()
-        for server in servers:
-            server.wait(timeout=30)
     return {"gateway_text_search": text, "index_search_direct": direct, "gateway_image_similar": image,
             "gateway_overhead_p50": round(text["p50_ms"] / direct["p50_ms"], 2),
             "gateway_qps_ratio": round(direct["qps"] / text["qps"], 2)}

@@ -10,6 +10,7 @@ import numpy as np
 from services.common import artifact
 from services.encoder import query
 from services.encoder.image_encoder import ImageEncoder
+from services.encoder.word_vectors import WordVectors
 from services.index.core import read_items
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,9 @@ class EncoderCore:
         self.directory = artifact.resolve(artifact_path)
         self.manifest = artifact.read_manifest(self.directory)
         words_dir = self.directory / artifact.INDEXES / "words"
-        self.words = [item.id for item in read_items(words_dir / "items.jsonl")]
-        self.word_vectors = np.load(words_dir / "vectors.npy")
-        self.rows = {}
-        for row, word in enumerate(self.words):
-            self.rows.setdefault(word, row)
+        words = WordVectors([item.id for item in read_items(words_dir / "items.jsonl")],
+                            np.load(words_dir / "vectors.npy"), self.manifest["word_vectors"]["source"])
+        self.words, self.word_vectors, self.rows = words.words, words.vectors, words.index()
         self.images = ImageEncoder(
             self.directory / artifact.BACKBONE,
             self.manifest["backbone"]["preprocessing"],

@@ -99,9 +99,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _search(self, index: str, context, k: int, min_score: float | None, *, vector=None, id=None):
         request = index_pb2.IndexSearchRequest(index=index, k=k, min_score=min_score)
-        if id is not None and index == "words":
+        if id is not None and (index == "words" or not self.downstream.shards):
             request.id = id
-        elif id is not None:  # the image may live on any shard: search with its stored vector
+        elif id is not None:  # the image lives on one shard: search every shard with its stored vector
             request.vector.values.extend(self.downstream.image_vector(id, context))
         else:
             request.vector.values.extend(vector)
