@@ -28,6 +28,7 @@ from services.common import artifact
 from services.encoder import word_vectors
 from services.encoder.query import Term, embed
 
+from services.index import live
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,17 @@ def limit(records: list[ImageRecord], per_label: int) -> list[ImageRecord]:
 def backbone_onnx(options: Options) -> Path:
     """The exported backbone, cached by name and weights file."""
     tag = options.backbone
+def with_live_updates(records: list[ImageRecord], artifacts: Path) -> tuple[list[ImageRecord], dict]:
+    """The searchable images with the live log folded in: images added since are in, deleted ones out."""
+    added, deleted = live.membership(artifacts)
+    kept = [r for r in records if r.id not in deleted and r.id not in added]
+    stored = live.live_dir(artifacts)
+    folded = kept + [ImageRecord(e.id, str(stored / e.file), e.label) for e in added.values()]
+    if added or deleted:
+        log.info("live updates folded in: %d added images, %d deleted", len(added), len(records) - len(kept))
+    return folded, {"added": len(added), "deleted": len(records) - len(kept)}
+
+
     if options.backbone_weights:
         tag += "-" + hashlib.sha1(Path(options.backbone_weights).read_bytes()).hexdigest()[:12]
     path = options.cache / "backbones" / f"{tag}.onnx"
@@ -121,6 +133,7 @@ def run(options: Options) -> Path:
     log.info("data: %d labelled images in %s; %d searchable images", len(train_records), options.data, len(index_records))
 
     words = word_vectors.load(options.word_vectors)
+    index_records, live_changes = with_live_updates(index_records, options.artifacts)
     labels = sorted({r.label for r in train_records})
     targets = label_vectors(labels, words)
     log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
@@ -158,7 +171,7 @@ def run(options: Options) -> Path:
                        "trained_on": len(train_rows), "validation": len(val_rows),
                        "unreadable": len(unreadable), "extracted_now": extraction.extracted,
                        "from_cache": len(all_records) - extraction.extracted - len(unreadable),
-                       "extracted_by_node": extraction.by_node},
+                       "extracted_by_node": extraction.by_node, "live_updates": live_changes},
             "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": val_tag,
                            "best_epoch": trained.best_epoch},
             "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),

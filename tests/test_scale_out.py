@@ -17,7 +17,7 @@ from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.gateway.downstream import grpc_target
 from services.index import server as index_server
-from services.index.core import read_items
+from services.index.core import read_items, shard_of
 from tests.conftest import train_options, wait_serving
 
 SHARDS = 3
@@ -93,6 +93,32 @@ def test_a_shard_that_is_down_fails_the_query_by_name(sharded_gateway):
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"image shard 1 of {SHARDS} at 127.0.0.1:1 is unavailable" in error.value.details()
         assert time.monotonic() - started < 5
+
+
+def _shard_sizes(shard_addresses: list[str]) -> list[int]:
+    sizes = []
+    for address in shard_addresses:
+        with grpc.insecure_channel(address) as channel:
+            sizes.append(index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest()).indexes[0].size)
+    return sizes
+
+
+def test_live_updates_land_on_the_owning_shard(sharded_gateway, cifar):
+    address, shard_addresses, _, _ = sharded_gateway
+    photos = [(cifar / "test" / "cat" / f"{n:04d}.jpg").read_bytes() for n in range(4)]
+    before = _shard_sizes(shard_addresses)
+    with Client(address) as client:
+        ids = client.add_images(photos, ["cat"] * 4)
+        owners = [shard_of(i, SHARDS) for i in ids]
+        assert _shard_sizes(shard_addresses) == [size + owners.count(n) for n, size in enumerate(before)]
+        for photo, image_id in zip(photos, ids):
+            assert client.similar(photo, k=1)[0].id == image_id
+            assert image_id not in [h.id for h in client.similar(id=image_id, k=5)]
+        with pytest.raises(grpc.RpcError) as error:  # one id unknown: nothing deleted on any shard
+            client.delete_images([*ids, "no/such.jpg"])
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert client.delete_images(ids) == 4
+    assert _shard_sizes(shard_addresses) == before
 
 
 def test_replica_lists_become_round_robin_targets():

@@ -102,12 +102,23 @@ BAD_REQUESTS = [
     ("gateway", "SimilarImages", gateway_pb2.SimilarImagesRequest(id="no/such.jpg", k=5), MISSING, "no/such.jpg"),
     ("gateway", "SimilarWords", gateway_pb2.SimilarWordsRequest(word="qqzzyx", k=5), MISSING, "qqzzyx"),
     ("gateway", "SimilarWords", gateway_pb2.SimilarWordsRequest(word=" ", k=5), BAD, "needs a word"),
+    ("gateway", "AddImages", gateway_pb2.AddImagesRequest(), BAD, "at least one image"),
+    ("gateway", "AddImages", gateway_pb2.AddImagesRequest(images=[gateway_pb2.ImageToAdd(image=b"x")] * 65), TOO_BIG,
+     "limit is 64"),
+    ("gateway", "AddImages", gateway_pb2.AddImagesRequest(images=[gateway_pb2.ImageToAdd(image=b"plain text")]), BAD,
+     "not an image"),
+    ("gateway", "DeleteImages", gateway_pb2.DeleteImagesRequest(), BAD, "at least one id"),
+    ("gateway", "DeleteImages", gateway_pb2.DeleteImagesRequest(ids=["ship/0000.jpg", "no/such.jpg"]), MISSING,
+     "'no/such.jpg'"),
     ("encoder", "EncodeImages", encoder_pb2.EncodeImagesRequest(images=[b"x"] * 65), TOO_BIG, "limit is 64"),
     ("index", "Search", index_pb2.IndexSearchRequest(index="faces", id="x", k=5), MISSING, "no index named 'faces'"),
     ("index", "Search", index_pb2.IndexSearchRequest(index="images", vector=index_pb2.FloatVector(values=[1.0] * 49), k=5),
      BAD, "dimension 49"),
     ("index", "Search", index_pb2.IndexSearchRequest(index="images", vector=index_pb2.FloatVector(values=[math.nan] * 50), k=5),
      BAD, "NaN"),
+    ("index", "AddImages", index_pb2.IndexAddImagesRequest(images=[index_pb2.NewImage(
+        id="added/../../outside", image=b"x", vector=index_pb2.FloatVector(values=[1.0] * 50))]), BAD, "content id"),
+    ("index", "DeleteImages", index_pb2.IndexDeleteImagesRequest(ids=["no/such.jpg"]), MISSING, "nothing deleted"),
 ]
 
 

@@ -3,38 +3,84 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import artifact
+from services.common import artifact, security
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRACE_SECONDS = 5.0
+VERSION_METADATA = "semsearch-artifact-version"
+PREVIOUS_GRACE_SECONDS = 60.0
+RELOAD_SECONDS = 2.0
 
 
 class Loading:
-    """Holds a service's core once it has loaded; until then calls are answered UNAVAILABLE."""
+    """A service's core, one per artifact version: UNAVAILABLE until the first has loaded.
 
-    def __init__(self, name: str):
+    On an artifact switch the new core replaces the current one whole (never half-loaded), and the
+    one before stays answerable for `grace_seconds`, so that a caller (the gateway) can keep the
+    encoder and the index on one version while each switches in its own time.
+    """
+
+    def __init__(self, name: str, grace_seconds: float = PREVIOUS_GRACE_SECONDS):
         self.name = name
         self.core = None
         self.error: BaseException | None = None
+        self.grace_seconds = grace_seconds
+        self._previous = None
+        self._previous_until = 0.0
 
-    def get(self, context: grpc.ServicerContext):
-        if self.core is None:
+    def get(self, context: grpc.ServicerContext, version: str = "", current_only: bool = False):
+        """The current core, or the one of `version`; FAILED_PRECONDITION naming ours if we lack it.
+
+        `current_only`: `version` must be the current one (writes go to the current version only).
+        """
+        core = self.core
+        if core is None:
             reason = f"failed to load: {self.error}" if self.error else "still loading"
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is {reason}")
-        return self.core
+        if not version or version == core.version:
+            return core
+        previous = self._previous
+        if (not current_only and previous is not None and previous.version == version
+                and time.monotonic() < self._previous_until):
+            return previous
+        context.set_trailing_metadata(((VERSION_METADATA, core.version),))
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{self.name} serves artifact {core.version}, not {version}")
+
+    def drop_expired(self) -> None:
+        """Free the previous version once its grace period is over."""
+        if self._previous is not None and time.monotonic() >= self._previous_until:
+            self._previous = None
+
+    def install(self, core) -> None:
+        """Make `core` current; the current one becomes the previous, kept for the grace period."""
+        if self.core is not None:
+            self._previous, self._previous_until = self.core, time.monotonic() + self.grace_seconds
+        self.core = core
+        _refresh(core)
+
+
+def _refresh(core) -> None:
+    """Cores with live state (the index's log) catch up with it."""
+    refresh = getattr(core, "refresh", None)
+    if refresh is not None:
+        refresh()
 
 
 @contextmanager
@@ -44,27 +90,31 @@ def grpc_server(
     host: str = "127.0.0.1",
     max_workers: int = 16,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    tls: security.ServerTls | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> Iterator[tuple[grpc.Server, int, health.HealthServicer]]:
     """Start a server with the given servicers, health (NOT_SERVING) and reflection; stop it on exit.
 
-    `add_servicers` registers the servicers and returns their full service names.
+    `add_servicers` registers the servicers and returns their full service names. With `tls` the port
+    speaks TLS only (mutual TLS when it names a client CA); `interceptors` run before every handler.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                         interceptors=list(interceptors))
     names = add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.add_port(server, host, port, tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
-    log.info("listening on %s:%d (%s)", host, bound, ", ".join(names))
+    log.info("listening on %s:%d%s (%s)", host, bound, " with TLS" if tls else "", ", ".join(names))
     try:
         yield server, bound, health_servicer
     finally:
@@ -78,19 +128,43 @@ def serve_when_loaded(
     host: str,
     service: str,
     register: Callable[[grpc.Server, Loading], None],
-    load: Callable[[], object],
+    artifacts: str | Path,
+    load: Callable[[Path], object],
     on_load_failure: Callable[[BaseException], None] | None = None,
+    tls: security.ServerTls | None = None,
+    reload_seconds: float = RELOAD_SECONDS,
 ) -> Iterator[tuple[grpc.Server, int]]:
-    """A server whose core loads in the background: UNAVAILABLE and NOT_SERVING until it has."""
+    """A server whose core loads in the background: UNAVAILABLE and NOT_SERVING until it has.
+
+    `load(version_dir)` makes the core of one artifact version. Every `reload_seconds` (0: never)
+    the artifact root's `current` link is checked, and a newly published version is loaded beside
+    the serving one and switched to once whole, without a restart.
+    """
     loading = Loading(service.rsplit(".", 1)[-1])
 
     def add(server: grpc.Server) -> list[str]:
         register(server, loading)
         return [service]
 
-    with grpc_server(port, add, host=host) as (server, bound, health_servicer):
-        load_in_background(loading, load, lambda: set_serving(health_servicer, [service], True), on_load_failure)
-        yield server, bound
+    stop = threading.Event()
+    with grpc_server(port, add, host=host, tls=tls) as (server, bound, health_servicer):
+        follower = threading.Thread(
+            target=follow_artifacts, name=f"load-{loading.name}", daemon=True,
+            args=(loading, artifacts, load, lambda: set_serving(health_servicer, [service], True),
+                  on_load_failure, reload_seconds, stop))
+        follower.start()
+        try:
+            yield server, bound
+        finally:
+            stop.set()
+    follower.join(timeout=GRACE_SECONDS)
+
+
+def add_reload_argument(parser) -> None:
+    parser.add_argument("--reload-seconds", type=float,
+                        default=float(os.environ.get("RELOAD_SECONDS", RELOAD_SECONDS)),
+                        help="how often to look for a newly published artifact and switch to it "
+                             f"without a restart (default {RELOAD_SECONDS:g}; 0: never)")
 
 
 def set_serving(health_servicer: health.HealthServicer, names: list[str], serving: bool) -> None:
@@ -99,23 +173,41 @@ def set_serving(health_servicer: health.HealthServicer, names: list[str], servin
         health_servicer.set(name, status)
 
 
-def load_in_background(loading: Loading, load: Callable[[], object], on_ready: Callable[[], None],
-                       on_failure: Callable[[BaseException], None] | None = None) -> threading.Thread:
-    """Load the core off the serving thread; health turns SERVING only when it has loaded."""
+def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Path], object],
+                     on_ready: Callable[[], None], on_failure: Callable[[BaseException], None] | None,
+                     reload_seconds: float, stop: threading.Event) -> None:
+    """Load the current version (health turns SERVING), then switch to each newly published one.
 
-    def target() -> None:
+    A new version that fails to load is logged and skipped; the serving one goes on answering.
+    """
+    try:
+        loaded = artifact.resolve(artifacts)
+        loading.install(load(loaded))
+        on_ready()
+    except Exception as error:  # reported through UNAVAILABLE, the log and on_failure
+        loading.error = error
+        log.exception("%s failed to load", loading.name)
+        if on_failure is not None:
+            on_failure(error)
+        return
+    failed: Path | None = None
+    while reload_seconds > 0 and not stop.wait(reload_seconds):
+        directory = None
         try:
-            loading.core = load()
-            on_ready()
-        except Exception as error:  # reported through UNAVAILABLE, the log and on_failure
-            loading.error = error
-            log.exception("%s failed to load", loading.name)
-            if on_failure is not None:
-                on_failure(error)
-
-    thread = threading.Thread(target=target, name=f"load-{loading.name}", daemon=True)
-    thread.start()
-    return thread
+            directory = artifact.resolve(artifacts)
+            if directory not in (loaded, failed):
+                log.info("%s: artifact %s published; loading it beside %s", loading.name, directory.name,
+                         loading.core.version)
+                loading.install(load(directory))
+                loaded = directory
+                log.info("%s: now serving artifact %s", loading.name, directory.name)
+            else:
+                loading.drop_expired()
+                _refresh(loading.core)
+        except Exception:  # the serving version stays; this one is not retried until another replaces it
+            failed = directory
+            log.exception("%s: could not load artifact %s or apply the live log; still serving %s",
+                          loading.name, directory, loading.core.version)
 
 
 def start_entry_point(service: str, artifacts: str | None = None) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import security
 
-def status(address: str) -> str:
-    with grpc.insecure_channel(address) as channel:
+
+def status(address: str, tls: security.ClientTls | None = None) -> str:
+    with security.channel(address, tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
         except grpc.RpcError as error:
@@ -21,10 +23,10 @@ def status(address: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def wait_serving(address: str, timeout: float = 180.0) -> None:
-    """Block until `address` reports SERVING; TimeoutError after `timeout` seconds."""
+def wait_serving(address: str, timeout: float = 180.0, tls: security.ClientTls | None = None) -> None:
+    """Block until `address` reports SERVING (over TLS with `tls`); TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while status(address) != "SERVING":
+    while status(address, tls) != "SERVING":
         if time.monotonic() > deadline:
             raise TimeoutError(f"{address} not SERVING after {timeout} s")
         time.sleep(0.2)
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("services", nargs="+", metavar="NAME=ADDRESS[@PIDFILE]")
     parser.add_argument("--timeout", type=float, default=600.0)
+    security.add_client_tls_arguments(parser, env_prefix="WAIT_", what="every service")
     args = parser.parse_args(argv)
+    tls = security.or_exit("wait_ready", security.client_tls_from_args, args)
     pending = {}
     for spec in args.services:
         name, _, rest = spec.partition("=")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             if pid_file is not None and not alive(pid_file):
                 print(f"{name} ({address}) exited while starting; see its log", file=sys.stderr)
                 return 1
-            if status(address) == "SERVING":
+            if status(address, tls) == "SERVING":
                 print(f"{name} SERVING on {address}")
                 del pending[name]
         if pending and time.monotonic() > deadline:

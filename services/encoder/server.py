@@ -12,6 +12,7 @@ from typing import Iterator
 import grpc
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common import security
 from services.common import server as common
 from services.encoder.core import EncoderCore
 from services.encoder.images import ImageError
@@ -32,7 +33,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.loading = loading
 
     def EncodeText(self, request, context):
-        core: EncoderCore = self.loading.get(context)
+        core: EncoderCore = self.loading.get(context, request.artifact_version)
         try:
             vector, terms = core.encode_text(request.text)
         except QueryError as error:
@@ -42,10 +43,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return encoder_pb2.EncodeTextResponse(
             vector=_vector(vector),
             terms=[encoder_pb2.WeightedTerm(word=t.word, weight=t.weight) for t in terms],
+            artifact_version=core.version,
         )
 
     def EncodeImage(self, request, context):
-        return _vector(self._encode([request.image], context)[0])
+        vectors, version = self._encode([request.image], request.artifact_version, context)
+        return encoder_pb2.Vector(values=vectors[0].tolist(), artifact_version=version)
 
     def EncodeImages(self, request, context):
         if len(request.images) > MAX_BATCH:
@@ -53,28 +56,34 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                           f"{len(request.images)} images in one call; the limit is {MAX_BATCH}")
         if not request.images:
             return encoder_pb2.EncodeImagesResponse()
-        vectors = self._encode(list(request.images), context)
-        return encoder_pb2.EncodeImagesResponse(vectors=[_vector(v) for v in vectors])
+        vectors, version = self._encode(list(request.images), request.artifact_version, context)
+        return encoder_pb2.EncodeImagesResponse(vectors=[_vector(v) for v in vectors], artifact_version=version)
 
     def Info(self, request, context):
         return encoder_pb2.EncoderInfo(**self.loading.get(context).info())
 
-    def _encode(self, images: list[bytes], context):
-        core: EncoderCore = self.loading.get(context)
+    def _encode(self, images: list[bytes], version: str, context):
+        core: EncoderCore = self.loading.get(context, version)
         try:
-            return core.encode_images(images)
+            return core.encode_images(images), core.version
         except ImageError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
 
 @contextmanager
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int = 0,
-               on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
-    """Serve the encoder on `port` (0 picks a free one); health turns SERVING once the model has loaded."""
+               on_load_failure=None, tls: security.ServerTls | None = None,
+               reload_seconds: float = common.RELOAD_SECONDS) -> Iterator[tuple[grpc.Server, int]]:
+    """Serve the encoder on `port` (0 picks a free one); health turns SERVING once the model has loaded.
+
+    With `tls` it speaks TLS only (mutual TLS when `tls` names a client CA). A newly published
+    artifact is switched to without a restart (checked every `reload_seconds`; 0: never).
+    """
     with common.serve_when_loaded(
         port, host, SERVICE,
         lambda server, loading: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(loading), server),
-        lambda: EncoderCore(artifacts, threads=threads), on_load_failure,
+        artifacts, lambda directory: EncoderCore(directory, threads=threads), on_load_failure, tls=tls,
+        reload_seconds=reload_seconds,
     ) as running:
         yield running
 
@@ -86,13 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ENCODER_THREADS", 0)),
                         help="ONNX Runtime threads (0: one per core)")
+    security.add_server_tls_arguments(parser)
+    common.add_reload_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     common.start_entry_point("encoder", args.artifacts)
-    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, args.threads))
+    tls = security.or_exit("encoder", security.server_tls_from_args, args)
+    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, args.threads, tls=tls,
+                                     reload_seconds=args.reload_seconds))
 
 
 if __name__ == "__main__":

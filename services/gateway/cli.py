@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common import security
 from services.gateway import gallery
 from services.gateway.client import DEFAULT_ADDRESS, Client, ImageHit, WordHit
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gateway", default=os.environ.get("SEMSEARCH_GATEWAY", DEFAULT_ADDRESS),
                         help=f"gateway address (default: $SEMSEARCH_GATEWAY or {DEFAULT_ADDRESS})")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+    parser.add_argument("--token", default=os.environ.get("SEMSEARCH_TOKEN"),
+                        help="bearer token for a gateway that requires one (default: $SEMSEARCH_TOKEN)")
+    security.add_client_tls_arguments(parser, env_prefix="SEMSEARCH_", what="the gateway")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str, default_k: int) -> argparse.ArgumentParser:
@@ -71,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("image")
     words = command("words", "words similar to a word", 10)
     words.add_argument("word")
+    add = commands.add_parser("add", help="add image files to the collection (searchable at once, kept on restart)")
+    add.add_argument("images", nargs="+", metavar="image")
+    add.add_argument("--label", help="a label for every image added")
+    add.add_argument("--json", action="store_true", help="print JSON")
+    delete = commands.add_parser("delete", help="remove images from the collection by id")
+    delete.add_argument("ids", nargs="+", metavar="id")
+    delete.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -87,20 +98,28 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, str]:
         hits = client.tag(_read_image(args.image), k=args.k)
         page = gallery.render(f"tags for {args.image}", words=hits, query_image=args.image)
         return _word_json("tags", hits), _word_table(hits), page
+    if args.command == "add":
+        ids = client.add_images([_read_image(path) for path in args.images], [args.label] * len(args.images))
+        return {"added": [{"file": path, "id": i} for path, i in zip(args.images, ids)]}, "\n".join(
+            f"{i}  {path}" for path, i in zip(args.images, ids)), ""
+    if args.command == "delete":
+        deleted = client.delete_images(args.ids)
+        return {"deleted": deleted}, f"deleted {deleted} image(s)", ""
     hits = client.words(args.word, k=args.k)
     return _word_json("words", hits), _word_table(hits), gallery.render(f"words like {args.word}", words=hits)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with Client(args.gateway, timeout=args.timeout) as client:
+    tls = security.or_exit("semsearch", security.client_tls_from_args, args)
+    with Client(args.gateway, timeout=args.timeout, tls=tls, token=args.token) as client:
         try:
             document, table, page = run(args, client)
         except grpc.RpcError as error:
             print(f"semsearch: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     print(json.dumps(document, ensure_ascii=False) if args.json else table)
-    if args.html:
+    if getattr(args, "html", None):
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"gallery written to {args.html}", file=sys.stderr)
     return 0

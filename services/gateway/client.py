@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 
 from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common import security
 from services.common.server import MAX_MESSAGE_BYTES
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
@@ -35,15 +36,20 @@ def _word_hits(response: gateway_pb2.WordResults) -> list[WordHit]:
 
 
 class Client:
-    """`Client(address).search("cat sofa", k=10)`; raises grpc.RpcError with the server's status."""
+    """`Client(address).search("cat sofa", k=10)`; raises grpc.RpcError with the server's status.
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0):
+    `tls` (e.g. `ClientTls.from_files(ca="ca.pem")`) makes it a TLS channel; `token` is sent as
+    `authorization: Bearer <token>` on every call.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0, *,
+                 tls: security.ClientTls | None = None, token: str | None = None):
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = security.channel(address, tls, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
-        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.stub = gateway_pb2_grpc.GatewayStub(security.with_token(self.channel, token))
 
     def search(self, text: str | None = None, *, image: bytes | None = None, k: int = 10,
                min_score: float | None = None) -> list[ImageHit]:
@@ -64,6 +70,17 @@ class Client:
 
     def words(self, word: str, k: int = 10) -> list[WordHit]:
         return _word_hits(self.stub.SimilarWords(gateway_pb2.SimilarWordsRequest(word=word, k=k), timeout=self.timeout))
+
+    def add_images(self, images: list[bytes], labels: list[str | None] | None = None) -> list[str]:
+        """Add images (with optional labels) to the collection; returns their ids, in order."""
+        labels = labels or [None] * len(images)
+        request = gateway_pb2.AddImagesRequest(images=[gateway_pb2.ImageToAdd(image=image, label=label)
+                                                       for image, label in zip(images, labels, strict=True)])
+        return list(self.stub.AddImages(request, timeout=self.timeout).ids)
+
+    def delete_images(self, ids: list[str]) -> int:
+        """Remove images by id; NOT_FOUND (and nothing removed) when any id is unknown."""
+        return self.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=ids), timeout=self.timeout).deleted
 
     def close(self) -> None:
         self.channel.close()

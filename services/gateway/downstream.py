@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.v1 import encoder_pb2_grpc, index_pb2, index_pb2_grpc
+from services.common import security
 from services.common import server as common
 from services.index.core import shard_of
 
@@ -23,7 +24,8 @@ _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, gr
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # Round robin over every address a target resolves to (replicas); a call that finds a replica
-# gone (UNAVAILABLE) is retried on another. Both calls are read-only, so retrying is safe.
+# gone (UNAVAILABLE) is retried on another. Searches are read-only and an added image's id is its
+# content hash, so a retried call changes nothing twice.
 _SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
@@ -52,8 +54,9 @@ def grpc_target(address: str) -> str:
     return f"ipv{families.pop()}:{','.join(replicas)}"
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(grpc_target(address), options=[
+def channel(address: str, tls: security.ClientTls | None = None) -> grpc.Channel:
+    """A channel to `address`: TLS when `tls` is given (mutual TLS when it holds a client certificate)."""
+    return security.channel(grpc_target(address), tls, options=[
         ("grpc.max_receive_message_length", common.MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", common.MAX_MESSAGE_BYTES),
         ("grpc.service_config", _SERVICE_CONFIG),
@@ -63,16 +66,31 @@ def channel(address: str) -> grpc.Channel:
     ])
 
 
+class VersionMismatch(Exception):
+    """A downstream service serves another artifact version than the one asked for."""
+
+    def __init__(self, version: str):
+        super().__init__(version)
+        self.version = version
+
+
+def _served_version(error: grpc.RpcError) -> str | None:
+    """The version a service named when it refused ours (FAILED_PRECONDITION), else None."""
+    if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    return dict(error.trailing_metadata() or ()).get(common.VERSION_METADATA)
+
+
 class Downstream:
     """Long-lived channels to the encoder, the index (words, and images unless sharded) and image shards."""
 
     def __init__(self, encoder_address: str, index_address: str, timeout: float,
-                 image_shard_addresses: list[str] | None = None):
+                 image_shard_addresses: list[str] | None = None, tls: security.ClientTls | None = None):
         self.timeout = timeout
         self.addresses = {"encoder": encoder_address, "index": index_address}
         self.shard_addresses = list(image_shard_addresses or [])
-        self.channels = {name: channel(address) for name, address in self.addresses.items()}
-        self.shard_channels = [channel(address) for address in self.shard_addresses]
+        self.channels = {name: channel(address, tls) for name, address in self.addresses.items()}
+        self.shard_channels = [channel(address, tls) for address in self.shard_addresses]
         self.encoder = encoder_pb2_grpc.EncoderStub(self.channels["encoder"])
         self.index = index_pb2_grpc.IndexStub(self.channels["index"])
         self.shards = [index_pb2_grpc.IndexStub(ch) for ch in self.shard_channels]
@@ -83,11 +101,22 @@ class Downstream:
         return self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
 
     def call(self, name: str, method, request, context: grpc.ServicerContext):
-        """Call `method` with a deadline; map its errors to ours."""
+        """Call `method` with a deadline; map its errors to ours (VersionMismatch when versions differ)."""
+        return self.call_named(f"{name} service at {self.addresses[name]}", method, request, context)
+
+    def call_named(self, downstream: str, method, request, context):
         try:
             return method(request, timeout=self.deadline(context))
         except grpc.RpcError as error:
-            abort_for(error, f"{name} service at {self.addresses[name]}", context)
+            self._fail(error, downstream, context)
+
+    @staticmethod
+    def _fail(error: grpc.RpcError, downstream: str, context):
+        """VersionMismatch when the service serves another artifact version; else abort with our status."""
+        version = _served_version(error)
+        if version is not None:
+            raise VersionMismatch(version) from None
+        abort_for(error, downstream, context)
 
     def search_images(self, request: index_pb2.IndexSearchRequest, context) -> index_pb2.IndexSearchResponse:
         """Search the image index, fanning out to every shard (concurrently) when it is sharded.
@@ -106,19 +135,32 @@ class Downstream:
             except grpc.RpcError as error:
                 for other in pending:
                     other.cancel()
-                abort_for(error, f"image shard {number} of {len(self.shards)} at {self.shard_addresses[number]}", context)
+                self._fail(error, self._shard_name(number), context)
         best = heapq.nlargest(request.k, itertools.chain.from_iterable(a.neighbors for a in answers),
                               key=lambda neighbor: (neighbor.score, neighbor.id))
-        return index_pb2.IndexSearchResponse(neighbors=best)
+        return index_pb2.IndexSearchResponse(neighbors=best, artifact_version=request.artifact_version)
 
-    def image_vector(self, image_id: str, context):
-        """The stored vector of an indexed image, from the shard that holds it."""
-        request = index_pb2.GetVectorsRequest(index="images", ids=[image_id])
+    def _shard_name(self, number: int) -> str:
+        return f"image shard {number} of {len(self.shards)} at {self.shard_addresses[number]}"
+
+    def image_vector(self, image_id: str, version: str, context) -> index_pb2.GetVectorsResponse:
+        """The stored vector of an indexed image (and its version), from the shard that holds it."""
+        request = index_pb2.GetVectorsRequest(index="images", ids=[image_id], artifact_version=version)
         number = shard_of(image_id, len(self.shards))
         try:
-            return self.shards[number].GetVectors(request, timeout=self.deadline(context)).vectors[0].values
+            return self.shards[number].GetVectors(request, timeout=self.deadline(context))
         except grpc.RpcError as error:
-            abort_for(error, f"image shard {number} of {len(self.shards)} at {self.shard_addresses[number]}", context)
+            self._fail(error, self._shard_name(number), context)
+
+    def image_stubs(self, ids: list[str]) -> list[tuple[str, object, list[int]]]:
+        """(name, stub, positions in `ids`) of each image-index process that owns some of `ids`."""
+        if not self.shards:
+            return [(f"index service at {self.addresses['index']}", self.index, list(range(len(ids))))]
+        owners: dict[int, list[int]] = {}
+        for position, item_id in enumerate(ids):
+            owners.setdefault(shard_of(item_id, len(self.shards)), []).append(position)
+        return [(self._shard_name(number), self.shards[number], positions) for number, positions in owners.items()]
+
 
     def all_serving(self) -> bool:
         for ch in [*self.channels.values(), *self.shard_channels]:

@@ -7,19 +7,25 @@ import logging
 import math
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import grpc
 
 from semsearch.v1 import encoder_pb2, gateway_pb2, gateway_pb2_grpc, index_pb2
+from services.common import security
 from services.common import server as common
-from services.gateway.downstream import Downstream
+from services.gateway.downstream import Downstream, VersionMismatch
+from services.index import live
 
 log = logging.getLogger(__name__)
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 MAX_K = 1000
+MAX_ADD = 64
+VERSION_ATTEMPTS = 6
+VERSION_RETRY_PAUSE = 0.1
 DEFAULT_TIMEOUT = 10.0
 HEALTH_POLL_SECONDS = 1.0
 
@@ -50,6 +56,9 @@ def _word_results(response: index_pb2.IndexSearchResponse) -> gateway_pb2.WordRe
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Each answer comes from one artifact version: a query vector is searched only in an index of
+    the version that made it (see `_on_one_version`)."""
+
     def __init__(self, downstream: Downstream):
         self.downstream = downstream
 
@@ -58,55 +67,119 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         min_score = _min_score(request, context)
         which = request.WhichOneof("query")
         if which == "text":
-            encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeText,
-                                           encoder_pb2.EncodeTextRequest(text=request.text), context)
-            vector = encoded.vector.values
+            def attempt(version: str):
+                encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeText,
+                                               encoder_pb2.EncodeTextRequest(text=request.text, artifact_version=version),
+                                               context)
+                return self._search("images", context, request.k, min_score, encoded.vector.values,
+                                    encoded.artifact_version)
         elif which == "image":
-            vector = self._encode_image(request.image, context)
+            def attempt(version: str):
+                return self._search_by_image("images", request.image, version, context, request.k, min_score)
         else:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Search needs a query: text or image bytes")
-        return _image_results(self._search("images", context, request.k, min_score, vector=vector))
+        return _image_results(self._on_one_version(attempt, context))
 
     def SimilarImages(self, request, context):
         _check_k(request.k, context)
         min_score = _min_score(request, context)
         which = request.WhichOneof("query")
         if which == "image":
-            response = self._search("images", context, request.k, min_score,
-                                    vector=self._encode_image(request.image, context))
+            def attempt(version: str):
+                return self._search_by_image("images", request.image, version, context, request.k, min_score)
         elif which == "id":
-            response = self._search("images", context, request.k, min_score, id=request.id)
+            def attempt(version: str):
+                return self._similar_to_id(request.id, version, context, request.k, min_score)
         else:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SimilarImages needs image bytes or an image id")
-        return _image_results(response)
+        return _image_results(self._on_one_version(attempt, context))
 
     def Tag(self, request, context):
         _check_k(request.k, context)
-        return _word_results(self._search("words", context, request.k, None,
-                                          vector=self._encode_image(request.image, context)))
+        return _word_results(self._on_one_version(
+            lambda version: self._search_by_image("words", request.image, version, context, request.k, None), context))
 
     def SimilarWords(self, request, context):
         _check_k(request.k, context)
         word = request.word.strip().lower()
         if not word:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SimilarWords needs a word")
-        return _word_results(self._search("words", context, request.k, None, id=word))
+        search = index_pb2.IndexSearchRequest(index="words", k=request.k, id=word, exclude_ids=[word])
+        return _word_results(self.downstream.call("index", self.downstream.index.Search, search, context))
 
-    def _encode_image(self, image: bytes, context):
-        vector = self.downstream.call("encoder", self.downstream.encoder.EncodeImage,
-                                      encoder_pb2.EncodeImageRequest(image=image), context)
-        return vector.values
+    def AddImages(self, request, context):
+        if not request.images:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AddImages needs at least one image")
+        if len(request.images) > MAX_ADD:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(request.images)} images in one call; the limit is {MAX_ADD}")
+        ids = [live.image_id(image.image) for image in request.images]
 
-    def _search(self, index: str, context, k: int, min_score: float | None, *, vector=None, id=None):
-        request = index_pb2.IndexSearchRequest(index=index, k=k, min_score=min_score)
-        if id is not None and (index == "words" or not self.downstream.shards):
-            request.id = id
-        elif id is not None:  # the image lives on one shard: search every shard with its stored vector
-            request.vector.values.extend(self.downstream.image_vector(id, context))
-        else:
-            request.vector.values.extend(vector)
-        if id is not None:
-            request.exclude_ids.append(id)
+        def attempt(version: str) -> None:
+            encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImages, encoder_pb2.EncodeImagesRequest(
+                images=[image.image for image in request.images], artifact_version=version), context)
+            new = [index_pb2.NewImage(id=item_id, vector=index_pb2.FloatVector(values=vector.values), image=image.image,
+                                      label=image.label if image.HasField("label") else None)
+                   for item_id, vector, image in zip(ids, encoded.vectors, request.images)]
+            for name, stub, positions in self.downstream.image_stubs(ids):
+                self.downstream.call_named(name, stub.AddImages, index_pb2.IndexAddImagesRequest(
+                    images=[new[p] for p in positions], artifact_version=encoded.artifact_version), context)
+
+        self._on_one_version(attempt, context)
+        return gateway_pb2.AddImagesResponse(ids=ids)
+
+    def DeleteImages(self, request, context):
+        if not request.ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DeleteImages needs at least one id")
+        ids = list(request.ids)
+        owners = self.downstream.image_stubs(ids)
+        if len(owners) > 1:  # all ids must exist before any shard deletes: GetVectors names an unknown one
+            for name, stub, positions in owners:
+                self.downstream.call_named(name, stub.GetVectors, index_pb2.GetVectorsRequest(
+                    index="images", ids=[ids[p] for p in positions]), context)
+        deleted = 0
+        for name, stub, positions in owners:
+            deleted += self.downstream.call_named(name, stub.DeleteImages, index_pb2.IndexDeleteImagesRequest(
+                ids=[ids[p] for p in positions]), context).deleted
+        return gateway_pb2.DeleteImagesResponse(deleted=deleted)
+
+    def _on_one_version(self, attempt, context):
+        """Run `attempt(version)` ("" first: whatever is current) until encoder and index agree.
+
+        While an artifact switch is under way the encoder and the index may each serve another
+        version; each also answers for the version before for a while. A refusal names the version
+        the refusing service serves, and the next attempt asks everyone for that one.
+        """
+        version, tried = "", set()
+        for number in range(VERSION_ATTEMPTS):
+            try:
+                return attempt(version)
+            except VersionMismatch as mismatch:
+                if mismatch.version in tried:
+                    time.sleep(VERSION_RETRY_PAUSE * number)  # both sides are mid-switch: give them a moment
+                tried.add(version := mismatch.version)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder and the index are switching artifact versions; retry")
+
+    def _search_by_image(self, index: str, image: bytes, version: str, context, k: int, min_score: float | None):
+        encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImage,
+                                       encoder_pb2.EncodeImageRequest(image=image, artifact_version=version), context)
+        return self._search(index, context, k, min_score, encoded.values, encoded.artifact_version)
+
+    def _similar_to_id(self, image_id: str, version: str, context, k: int, min_score: float | None):
+        request = index_pb2.IndexSearchRequest(index="images", k=k, min_score=min_score, exclude_ids=[image_id],
+                                               artifact_version=version)
+        if not self.downstream.shards:
+            request.id = image_id
+            return self.downstream.call("index", self.downstream.index.Search, request, context)
+        # the image lives on one shard: search every shard with its stored vector, on its version
+        stored = self.downstream.image_vector(image_id, version, context)
+        request.vector.values.extend(stored.vectors[0].values)
+        request.artifact_version = stored.artifact_version
+        return self.downstream.search_images(request, context)
+
+    def _search(self, index: str, context, k: int, min_score: float | None, vector, version: str):
+        request = index_pb2.IndexSearchRequest(index=index, k=k, min_score=min_score, artifact_version=version,
+                                               vector=index_pb2.FloatVector(values=vector))
         if index == "images":
             return self.downstream.search_images(request, context)
         return self.downstream.call("index", self.downstream.index.Search, request, context)
@@ -126,12 +199,16 @@ def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.E
 
 @contextmanager
 def run_server(port: int, encoder_address: str, index_address: str, host: str = "127.0.0.1",
-               timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None) -> Iterator[tuple[grpc.Server, int]]:
+               timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None,
+               tls: security.ServerTls | None = None, downstream_tls: security.ClientTls | None = None,
+               tokens: list[str] | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the gateway on `port` (0 picks a free one); SERVING while every downstream service is.
 
     Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
+    `tls` secures this server, `downstream_tls` the calls to the encoder and index; with `tokens`,
+    every call but health and reflection needs `authorization: Bearer <one of them>`.
     """
-    downstream = Downstream(encoder_address, index_address, timeout, image_shards)
+    downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls)
     servicer = GatewayServicer(downstream)
 
     def add(server: grpc.Server) -> list[str]:
@@ -139,7 +216,8 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
         return [SERVICE]
 
     stop = threading.Event()
-    with common.grpc_server(port, add, host=host) as (server, bound, health_servicer):
+    interceptors = [security.BearerTokenInterceptor(tokens)] if tokens else []
+    with common.grpc_server(port, add, host=host, tls=tls, interceptors=interceptors) as (server, bound, health_servicer):
         watcher = threading.Thread(target=_watch_downstream, args=(downstream, health_servicer, stop),
                                    name="gateway-health", daemon=True)
         watcher.start()
@@ -163,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "$IMAGE_SHARDS, space-separated, else the images index of --index)")
     parser.add_argument("--timeout", type=float, default=float(env("DOWNSTREAM_TIMEOUT", DEFAULT_TIMEOUT)),
                         help="deadline in seconds for each downstream call")
+    security.add_server_tls_arguments(parser)
+    security.add_client_tls_arguments(parser, "downstream-", "DOWNSTREAM_", "the encoder and index")
+    security.add_token_arguments(parser)
     return parser
 
 
@@ -171,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     common.start_entry_point("gateway")
     stop = threading.Event()
     shards = args.image_shard or os.environ.get("IMAGE_SHARDS", "").split()
-    with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards):
+    tls = security.or_exit("gateway", security.server_tls_from_args, args)
+    downstream_tls = security.or_exit("gateway", security.client_tls_from_args, args, "downstream-")
+    tokens = security.or_exit("gateway", security.tokens_from_args, args)
+    with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards,
+                    tls=tls, downstream_tls=downstream_tls, tokens=tokens):
         common.wait_for_signal(stop)
 
 

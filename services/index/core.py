@@ -291,6 +291,13 @@ class IndexSet:
                 raise ValueError(f"index {name!r} has {len(shard_dirs)} shards; there is no shard {shard}")
         return cls(loaded, version, serving_shards)
 
+    def refresh(self) -> None:
+        """Indexes with live updates catch up with their log."""
+        for index in self.indexes.values():
+            refresh = getattr(index, "refresh", None)
+            if refresh is not None:
+                refresh()
+
     def get(self, name: str) -> VectorIndex | ShardedIndex:
         index = self.indexes.get(name)
         if index is None:

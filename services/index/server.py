@@ -7,25 +7,38 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import grpc
 
 from semsearch.v1 import index_pb2, index_pb2_grpc
 from services.common import artifact
+from services.common import security
 from services.common import server as common
 from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
+from services.index.live import LiveImages, space_of
 
 log = logging.getLogger(__name__)
 
 SERVICE = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
 MAX_IDS = 1000
+MAX_ADDS = 64
+LIVE_INDEX = "images"
 
 
-def load_index_set(artifacts: str, names: list[str] | None = None, shard: int | None = None) -> IndexSet:
-    directory = artifact.resolve(artifacts)
+def load_index_set(directory: Path, names: list[str] | None = None, shard: int | None = None) -> IndexSet:
+    """One artifact version's indexes; the image index carries the live log of the artifact root."""
     manifest = artifact.read_manifest(directory)
-    return IndexSet.load(directory / artifact.INDEXES, manifest["version"], names, shard)
+    indexes = IndexSet.load(directory / artifact.INDEXES, manifest["version"], names, shard)
+    if LIVE_INDEX in indexes.indexes:
+        indexes.indexes[LIVE_INDEX] = LiveImages(indexes.indexes[LIVE_INDEX], directory.parent, space_of(manifest),
+                                                 indexes.shards.get(LIVE_INDEX))
+    return indexes
+
+
+def _live_images(indexes: IndexSet) -> LiveImages:
+    return indexes.get(LIVE_INDEX)
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
@@ -33,7 +46,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self.loading = loading
 
     def Search(self, request, context):
-        indexes: IndexSet = self.loading.get(context)
+        indexes: IndexSet = self.loading.get(context, request.artifact_version)
         min_score = request.min_score if request.HasField("min_score") else None
         try:
             index = indexes.get(request.index)
@@ -52,10 +65,10 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         return index_pb2.IndexSearchResponse(neighbors=[
             index_pb2.Neighbor(id=hit.item.id, score=hit.score, path=hit.item.path, label=hit.item.label)
             for hit in hits
-        ])
+        ], artifact_version=indexes.version)
 
     def GetVectors(self, request, context):
-        indexes: IndexSet = self.loading.get(context)
+        indexes: IndexSet = self.loading.get(context, request.artifact_version)
         if len(request.ids) > MAX_IDS:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(request.ids)} ids in one call; the limit is {MAX_IDS}")
         try:
@@ -63,7 +76,35 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             vectors = [index.vector_of(item_id) for item_id in request.ids]
         except (UnknownIndex, UnknownId) as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        return index_pb2.GetVectorsResponse(vectors=[index_pb2.FloatVector(values=v.tolist()) for v in vectors])
+        return index_pb2.GetVectorsResponse(vectors=[index_pb2.FloatVector(values=v.tolist()) for v in vectors],
+                                            artifact_version=indexes.version)
+
+    def AddImages(self, request, context):
+        indexes: IndexSet = self.loading.get(context, request.artifact_version, current_only=True)
+        if len(request.images) > MAX_ADDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(request.images)} images in one call; the limit is {MAX_ADDS}")
+        try:
+            ids = _live_images(indexes).add([
+                (image.id, image.image, image.vector.values, image.label if image.HasField("label") else None)
+                for image in request.images])
+        except InvalidQuery as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except UnknownIndex as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.IndexAddImagesResponse(ids=ids)
+
+    def DeleteImages(self, request, context):
+        indexes: IndexSet = self.loading.get(context)
+        if len(request.ids) > MAX_IDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(request.ids)} ids in one call; the limit is {MAX_IDS}")
+        try:
+            deleted = _live_images(indexes).delete(list(request.ids))
+        except InvalidQuery as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except (UnknownIndex, UnknownId) as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.IndexDeleteImagesResponse(deleted=deleted)
 
     def Info(self, request, context):
         indexes: IndexSet = self.loading.get(context)
@@ -83,15 +124,19 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
 
 @contextmanager
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", names: list[str] | None = None,
-               shard: int | None = None, on_load_failure=None) -> Iterator[tuple[grpc.Server, int]]:
+               shard: int | None = None, on_load_failure=None, tls: security.ServerTls | None = None,
+               reload_seconds: float = common.RELOAD_SECONDS) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded.
 
-    `names` limits which indexes load; `shard` serves one shard of each sharded index.
+    `names` limits which indexes load; `shard` serves one shard of each sharded index. With `tls` it
+    speaks TLS only (mutual TLS when `tls` names a client CA). A newly published artifact is
+    switched to without a restart (checked every `reload_seconds`; 0: never).
     """
     with common.serve_when_loaded(
         port, host, SERVICE,
         lambda server, loading: index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(loading), server),
-        lambda: load_index_set(artifacts, names, shard), on_load_failure,
+        artifacts, lambda directory: load_index_set(directory, names, shard), on_load_failure, tls=tls,
+        reload_seconds=reload_seconds,
     ) as running:
         yield running
 
@@ -105,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated index names to serve (default: all)")
     parser.add_argument("--shard", type=int, default=None,
                         help="serve only this shard of each sharded index (default: all shards, merged)")
+    common.add_reload_argument(parser)
+    security.add_server_tls_arguments(parser)
     return parser
 
 
@@ -112,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     common.start_entry_point("index", args.artifacts)
     names = [name for name in args.indexes.split(",") if name] or None
-    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, names, args.shard))
+    tls = security.or_exit("index", security.server_tls_from_args, args)
+    sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, names, args.shard, tls=tls,
+                                     reload_seconds=args.reload_seconds))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,253 @@
+"""Live updates and artifact switches on the real services: nothing acknowledged is lost, no query fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from batch.train import run
+from batch.train_head import HeadConfig
+from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
+from services.common import artifact
+from services.common.wait_ready import wait_serving
+from services.encoder import server as encoder_server
+from services.gateway import server as gateway_server
+from services.gateway.client import Client
+from services.index import live
+from services.index import server as index_server
+from tests.conftest import REPO, train_options
+
+PHOTO = "test/ship/0003.jpg"  # not among the session artifact's searchable (training) images
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def root(artifact_root, tmp_path) -> Path:
+    """A private copy of the session artifact root, free to be changed."""
+    copy = tmp_path / "artifacts"
+    shutil.copytree(artifact_root, copy, symlinks=True)
+    return copy
+
+
+@contextmanager
+def index_process(root: Path, port: int):
+    """The index service as its own process, so that a test can SIGKILL it."""
+    process = subprocess.Popen([sys.executable, "-m", "services.index.server", "--port", str(port),
+                                "--artifacts", str(root), "--reload-seconds", "0.5"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=120)
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _eventually(check, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return check()
+        except (grpc.RpcError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_added_images_survive_a_killed_index_and_deletes_stick(root, cifar):
+    photo = (cifar / PHOTO).read_bytes()
+    index_port = _free_port()
+    with encoder_server.run_server(0, str(root)) as (_, encoder_port), \
+            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}", timeout=5.0) \
+            as (_, gateway_port), Client(f"127.0.0.1:{gateway_port}") as client:
+        with index_process(root, index_port) as first:
+            before = client.similar(photo, k=1)[0]
+            assert not before.id.startswith(live.ID_PREFIX)
+            [added] = client.add_images([photo], ["ship"])
+            assert added == live.image_id(photo)
+            top = client.similar(photo, k=1)[0]  # searchable at once
+            assert (top.id, top.label) == (added, "ship") and top.score > 0.999
+            os.killpg(first.pid, signal.SIGKILL)  # right after the add was acknowledged
+        with index_process(root, index_port):
+            top = _eventually(lambda: client.similar(photo, k=1)[0])
+            assert top.id == added and top.score > 0.999
+            assert [hit.id for hit in client.similar(id=added, k=3)] == \
+                   [hit.id for hit in client.similar(photo, k=4)][1:]
+            assert client.add_images([photo]) == [added]  # the same bytes again: same id, no duplicate
+            assert [hit.id for hit in client.similar(photo, k=2)].count(added) == 1
+            assert client.delete_images([added, before.id]) == 2
+            with pytest.raises(grpc.RpcError) as error:
+                client.delete_images([before.id, "no/such.jpg"])
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND and "no/such.jpg" in error.value.details()
+        with index_process(root, index_port):
+            ids = [hit.id for hit in _eventually(lambda: client.similar(photo, k=20))]
+            assert added not in ids and before.id not in ids
+    stored = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                    and not p.is_relative_to(artifact.resolve(root)))
+    assert len(stored) == 2 and stored[0] == f"live/{live.LOG_NAME}"  # written there and nowhere else
+    assert stored[1].startswith(f"live/images/{added.removeprefix(live.ID_PREFIX)}")
+    entries = [json.loads(line) for line in (root / live.LIVE_DIR / live.LOG_NAME).read_text().splitlines()]
+    assert [(e["op"], e["id"]) for e in entries] == [("add", added), ("add", added), ("delete", added),
+                                                     ("delete", before.id)]
+
+
+def test_bad_live_updates_get_clear_errors_and_change_nothing(root):
+    with index_server.run_server(0, str(root)) as (_, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_serving(f"127.0.0.1:{port}")
+        index = index_pb2_grpc.IndexStub(channel)
+        size = index.Info(index_pb2.IndexInfoRequest(index="images")).indexes[0].size
+        good = index_pb2.NewImage(id=live.image_id(b"bytes"), image=b"bytes",
+                                  vector=index_pb2.FloatVector(values=[1.0] * 50))
+        cases = {
+            "id not the content hash": index_pb2.NewImage(id="added/../../etc/passwd", image=b"bytes",
+                                                          vector=good.vector),
+            "wrong dimension": index_pb2.NewImage(id=good.id, image=b"bytes", vector=index_pb2.FloatVector(values=[1.0])),
+            "NaN vector": index_pb2.NewImage(id=good.id, image=b"bytes",
+                                             vector=index_pb2.FloatVector(values=[float("nan")] * 50)),
+            "no bytes": index_pb2.NewImage(id=good.id, vector=good.vector),
+        }
+        for case, image in cases.items():
+            with pytest.raises(grpc.RpcError) as error:
+                index.AddImages(index_pb2.IndexAddImagesRequest(images=[good, image]))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+        with pytest.raises(grpc.RpcError) as error:
+            index.AddImages(index_pb2.IndexAddImagesRequest(images=[good], artifact_version="20000101T000000Z-000000"))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert index.Info(index_pb2.IndexInfoRequest(index="images")).indexes[0].size == size
+        assert not (root / live.LIVE_DIR).exists()  # nothing was written for a refused call
+
+
+@pytest.fixture(scope="module")
+def next_version(artifact_root, cifar, cache_dir, tmp_path_factory) -> Path:
+    """A newer artifact version (another seed, a short retraining on cached features), built elsewhere;
+    its root's live log had PHOTO added, which batch-train folds into the version itself."""
+    elsewhere = tmp_path_factory.mktemp("next") / "artifacts"
+    shutil.copytree(artifact_root, elsewhere, symlinks=True)
+    log = live.LiveLog(elsewhere)
+    photo = (cifar / PHOTO).read_bytes()
+    log.append([live.Entry("add", live.image_id(photo), "ship", log.store_image(photo), (1.0,) * 50,
+                           live.space_of(artifact.read_manifest(artifact.resolve(elsewhere))))])
+    return run(train_options(cifar / "train", elsewhere, cache_dir, head=HeadConfig(epochs=3, seed=7)))
+
+
+def publish_copy(version_dir: Path, root: Path) -> str:
+    """Publish a built version into `root` as batch-train does: rename into place, then swap `current`."""
+    incoming = root / f".staging-{version_dir.name}"
+    shutil.copytree(version_dir, incoming)
+    os.rename(incoming, root / version_dir.name)
+    os.symlink(version_dir.name, root / ".current-new")
+    os.replace(root / ".current-new", root / artifact.CURRENT)
+    return version_dir.name
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(root, cifar):
+    old = artifact.resolve(root)
+    broken = old.parent / ".broken" / "20990101T000000Z-bad000"
+    shutil.copytree(old, broken)
+    (broken / artifact.INDEXES / "words" / "vectors.npy").unlink()
+    with index_server.run_server(0, str(root), reload_seconds=0.2) as (_, index_port), \
+            encoder_server.run_server(0, str(root), reload_seconds=0.2) as (_, encoder_port), \
+            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port), \
+            Client(f"127.0.0.1:{port}") as client, grpc.insecure_channel(f"127.0.0.1:{index_port}") as channel:
+        wait_serving(f"127.0.0.1:{port}")
+        expected = [h.id for h in client.search("ship", k=5)]
+        publish_copy(broken, root)
+        time.sleep(2)  # ten checks of `current`, each finding the broken version
+        assert index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest()).artifact_version == old.name
+        assert [h.id for h in client.search("ship", k=5)] == expected
+        wait_serving(f"127.0.0.1:{port}", timeout=1)
+
+
+def test_an_encoder_ahead_of_the_index_answers_on_the_index_version(root, next_version, cifar):
+    """The encoder switches, the index does not (reload off): answers stay those of the old version."""
+    photo = (cifar / PHOTO).read_bytes()
+    old = artifact.resolve(root).name
+    with index_server.run_server(0, str(root), reload_seconds=0) as (_, index_port), \
+            encoder_server.run_server(0, str(root), reload_seconds=0.2) as (_, encoder_port), \
+            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port), \
+            Client(f"127.0.0.1:{port}") as client, grpc.insecure_channel(f"127.0.0.1:{encoder_port}") as channel:
+        wait_serving(f"127.0.0.1:{port}")
+        expected = [(h.id, round(h.score, 4)) for h in client.similar(photo, k=10)]
+        tags = [w.word for w in client.tag(photo, k=5)]
+        new = publish_copy(next_version, root)
+        encoder = encoder_pb2_grpc.EncoderStub(channel)
+        _eventually(lambda: _assert_equal(encoder.Info(encoder_pb2.EncoderInfoRequest()).artifact_version, new))
+        assert [(h.id, round(h.score, 4)) for h in client.similar(photo, k=10)] == expected
+        assert [w.word for w in client.tag(photo, k=5)] == tags
+        assert encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=photo)).artifact_version == new
+        assert encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=photo, artifact_version=old)) \
+                      .artifact_version == old
+
+
+def _assert_equal(actual, expected) -> None:
+    assert actual == expected, f"{actual} != {expected}"
+
+
+def test_a_published_artifact_is_switched_to_under_load_with_no_failed_query(root, next_version, cifar):
+    """16 clients query for 30 s while a new version (which folded in a live add) is published."""
+    photo = (cifar / PHOTO).read_bytes()
+    with index_server.run_server(0, str(root), reload_seconds=0.5) as (_, index_port), \
+            encoder_server.run_server(0, str(root), reload_seconds=0.5) as (_, encoder_port), \
+            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port), \
+            Client(f"127.0.0.1:{port}", timeout=30) as client:
+        wait_serving(f"127.0.0.1:{port}")
+        [added] = client.add_images([photo], ["ship"])
+        stop, answers, failures = threading.Event(), [0], []
+
+        def query(worker: int) -> None:
+            while not stop.is_set():
+                try:
+                    hits = client.search("ship", k=10) if worker % 2 else client.similar(photo, k=10)
+                    assert len(hits) == 10 and (worker % 2 or hits[0].id == added), hits[:1]
+                    answers[0] += 1
+                except Exception as error:  # every failure is a test failure, reported below
+                    failures.append(repr(error))
+
+        workers = [threading.Thread(target=query, args=(n,)) for n in range(16)]
+        started = time.monotonic()
+        for worker in workers:
+            worker.start()
+        try:
+            time.sleep(5)
+            new = publish_copy(next_version, root)
+            with grpc.insecure_channel(f"127.0.0.1:{index_port}") as i_channel, \
+                    grpc.insecure_channel(f"127.0.0.1:{encoder_port}") as e_channel:
+                index, encoder = index_pb2_grpc.IndexStub(i_channel), encoder_pb2_grpc.EncoderStub(e_channel)
+                _eventually(lambda: _assert_equal(index.Info(index_pb2.IndexInfoRequest()).artifact_version, new), 60)
+                _eventually(lambda: _assert_equal(encoder.Info(encoder_pb2.EncoderInfoRequest()).artifact_version,
+                                                  new), 60)
+                switched = answers[0]
+                time.sleep(max(5.0, 30 - (time.monotonic() - started)))
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        print(f"\nartifact switch under load: 16 clients, {time.monotonic() - started:.0f} s, {answers[0]} answers "
+              f"({switched} before both services had switched), {len(failures)} failed")
+        assert failures == []
+        assert answers[0] > switched > 0
+        assert json.loads((root / new / artifact.REPORT).read_text())["images"]["live_updates"] == \
+               {"added": 1, "deleted": 0}
+        top = client.similar(photo, k=1)[0]  # now part of the new artifact itself, embedded by its model
+        assert top.id == added and top.score > 0.999
+        with grpc.insecure_channel(f"127.0.0.1:{index_port}") as channel:
+            info = index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest(index="images"))
+        assert info.indexes[0].size == artifact.read_manifest(root / new)["indexes"]["images"]["size"] == 1001
