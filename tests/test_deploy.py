@@ -34,6 +34,8 @@ def test_compose_file_fits_together():
     for name, (module, args) in parsed.items():
         if module != "services.gateway.server":
             assert any(volume.endswith(f":{args.artifacts}:ro") for volume in services[name]["volumes"])
+        if name in shards.values():  # image shards write the live-update log
+            assert f"../artifacts/live:{args.artifacts}/live" in services[name]["volumes"]
 
 
 def test_kubernetes_manifests_fit_together():
@@ -54,6 +56,8 @@ def test_kubernetes_manifests_fit_together():
             assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in kinds
         if module == "services.index.server" and args.shard is not None:
             assert name == f"index-shard-{args.shard}" and args.indexes == "images"
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert not mounts[f"{args.artifacts}/live"].get("readOnly") and mounts[args.artifacts]["readOnly"]
     (gateway,) = deployments["gateway"]["spec"]["template"]["spec"]["containers"]
     _, args = parse_command(gateway["command"] + gateway["args"])
     targets = [re.fullmatch(r"dns:///([\w-]+)\.semsearch\.svc\.cluster\.local:(\d+)", t) for t in

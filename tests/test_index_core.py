@@ -91,3 +91,20 @@ def test_unknown_ids_and_indexes(small):
         small.vector_of("zzzzqq")
     with pytest.raises(UnknownIndex, match="there are: small"):
         IndexSet({"small": small}).get("nope")
+
+
+def test_a_torn_log_line_is_skipped_and_later_writes_survive(tmp_path):
+    """A crash half-way through an append leaves a partial line: it is never applied, nothing after it is lost."""
+    from services.index import live
+
+    log = live.LiveLog(tmp_path)
+    first = live.Entry("add", live.image_id(b"one"), "cat", log.store_image(b"one"), (1.0, 0.0), "glove:2")
+    log.append([first])
+    with open(log.path, "ab") as handle:
+        handle.write(b'{"op": "add", "id": "added/0123')  # the torn write
+    assert log.read()[0] == [first]
+    second = live.Entry("delete", first.id)
+    log.append([second])
+    assert log.read()[0] == [first, second]
+    assert live.membership(tmp_path) == ({}, {first.id})
+    assert sorted(p.name for p in (tmp_path / live.LIVE_DIR).iterdir()) == [live.IMAGES_DIR, live.LOG_NAME]

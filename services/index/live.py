@@ -90,9 +90,11 @@ class LiveLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         data = "".join(json.dumps(_entry_dict(e), ensure_ascii=False) + "\n" for e in entries).encode("utf-8")
-        with open(self.path, "ab") as handle:
+        with open(self.path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
+                if _ends_torn(handle):  # a write that crashed half-way: end its line, never extend it
+                    data = b"\n" + data
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -114,8 +116,22 @@ class LiveLog:
         except FileNotFoundError:
             return [], offset
         end = data.rfind(b"\n") + 1
-        entries = [_entry_of(json.loads(line)) for line in data[:end].splitlines() if line.strip()]
+        entries = []
+        for line in data[:end].splitlines():
+            try:
+                entries.append(_entry_of(json.loads(line)))
+            except (ValueError, KeyError):
+                if line.strip():
+                    log.warning("%s: skipping a torn line (a write that never returned): %.80r", self.path, line)
         return entries, offset + end
+
+
+def _ends_torn(handle) -> bool:
+    size = handle.seek(0, os.SEEK_END)
+    if size == 0:
+        return False
+    handle.seek(size - 1)
+    return handle.read(1) != b"\n"
 
 
 def _entry_dict(entry: Entry) -> dict:

@@ -37,6 +37,12 @@ def load_index_set(directory: Path, names: list[str] | None = None, shard: int |
     return indexes
 
 
+def _abort_unwritable(error: OSError, context) -> None:
+    """The live log could not be written: nothing was acknowledged, so the caller may retry elsewhere."""
+    log.error("cannot write the live log: %s", error)
+    context.abort(grpc.StatusCode.INTERNAL, f"the index cannot write its live log ({error.strerror}); nothing was changed")
+
+
 def _live_images(indexes: IndexSet) -> LiveImages:
     return indexes.get(LIVE_INDEX)
 
@@ -92,6 +98,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except UnknownIndex as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except OSError as error:
+            _abort_unwritable(error, context)
         return index_pb2.IndexAddImagesResponse(ids=ids)
 
     def DeleteImages(self, request, context):
@@ -104,6 +112,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except (UnknownIndex, UnknownId) as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except OSError as error:
+            _abort_unwritable(error, context)
         return index_pb2.IndexDeleteImagesResponse(deleted=deleted)
 
     def Info(self, request, context):
