@@ -90,7 +90,8 @@ demo: batch-train serve
 	@echo; echo "services are still up: try '$(VENV)/bin/semsearch search ship'; 'make stop' ends them"
 
 eval: setup
-	$(PY) -m batch.evaluate --artifacts $(ARTIFACTS) --data $(or $(EVAL_DATA),$(error set EVAL_DATA to a labelled folder))
+	$(PY) -m batch.evaluate --artifacts $(ARTIFACTS) --cache $(CACHE) --data $(or $(EVAL_DATA),$(error set EVAL_DATA to a labelled folder)) \
+		$(if $(HELD_OUT),--held-out $(HELD_OUT)) $(if $(EVAL_OUT),--out $(EVAL_OUT))
 
 # Measurements behind DEPLOY.md's capacity model (a few minutes; needs an artifact for the service part).
 capacity: setup

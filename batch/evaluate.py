@@ -1,4 +1,9 @@
-"""Evaluate an artifact on a labelled image folder: label hit@1 and tag hit@k over the whole vocabulary."""
+"""make eval: the quality report (batch/quality.py) of an artifact on a labelled image folder.
+
+Features come through the batch job's feature cache, so images are extracted once; the softmax
+baseline and the zero-shot head come from the artifact (trained by batch-train), or are trained
+here on the artifact's training folder when it has none or other labels are held out.
+"""
 
 from __future__ import annotations
 
@@ -12,56 +17,136 @@ from pathlib import Path
 
 import numpy as np
 
+from batch import quality
+from batch.extract import extract
 from batch.images import labelled, list_images
+from batch.train_head import HeadConfig, split
+from services.common import artifact
 from services.encoder.core import EncoderCore
-from services.encoder.images import ImageError
+from services.encoder.head import Head
+from services.encoder.images import Preprocessing
+from services.encoder.modes import MODES
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(artifacts: str | Path, data: str | Path, batch_size: int = 64) -> dict:
-    """Embed every labelled image of `data` with the artifact's encoder and score the answers."""
-    encoder = EncoderCore(artifacts)
-    records = labelled(list_images(data))
+def _features(records, encoder: EncoderCore, cache: Path) -> tuple[list, np.ndarray, int]:
+    """Backbone features of `records` through the batch job's feature cache (Ray Data for the missing ones)."""
+    import ray
+
+    manifest = encoder.manifest["backbone"]
+    actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    extraction = extract(records, manifest["name"], encoder.directory / artifact.BACKBONE,
+                         Preprocessing.from_dict(manifest["preprocessing"]), cache / "features", 64, actors, 1)
+    ok = [r for r in records if r.path in extraction.features]
+    features = np.stack([extraction.features[r.path] for r in ok]) if ok else np.zeros((0, 1), np.float32)
+    return ok, features, len(extraction.unreadable)
+
+
+def _extras(encoder: EncoderCore, cache: Path, held_out: list[str] | None) -> tuple[quality.Extras | None, object]:
+    """The artifact's softmax baseline and zero-shot head; trained here (and mode parameters chosen again
+    on the training folder's validation split) when the artifact lacks them or other labels are held out."""
     labels = encoder.manifest["labels"]
-    vectors, truths, unreadable = [], [], 0
+    stored = encoder.manifest.get("quality", {})
+    baselines = encoder.directory / quality.BASELINES
+    wanted = quality.held_out_labels(labels, held_out or stored.get("held_out") or None, encoder.manifest["head"]["seed"])
+    if (baselines / quality.ZERO_SHOT_HEAD).is_file() and wanted == stored.get("held_out"):
+        return quality.Extras(Head.load(baselines / quality.SOFTMAX_HEAD), Head.load(baselines / quality.ZERO_SHOT_HEAD),
+                              wanted), encoder.modes
+    if len(labels) < 3:
+        return None, encoder.modes
+    log.info("training the softmax baseline and a zero-shot head without %s on %s", ", ".join(wanted),
+             encoder.manifest["data"]["labelled"])
+    records = [r for r in labelled(list_images(encoder.manifest["data"]["labelled"])) if r.label in labels]
+    records, features, _ = _features(records, encoder, cache)
+    label_ids = np.asarray([labels.index(r.label) for r in records])
+    config = HeadConfig(**{k: v for k, v in encoder.manifest["head"].items() if k in HeadConfig.__dataclass_fields__})
+    train_rows, val_rows = split(label_ids, stored.get("val_fraction", 0.1), config.seed)
+    targets = quality.label_matrix(labels, encoder.rows, encoder.word_vectors)
+    extras = quality.train_extras(features, label_ids, labels, targets, train_rows, val_rows, config,
+                                  cache / "ray-train", wanted)
+    zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, wanted)
+    modes, _ = quality.choose(encoder.modes, features[val_rows], label_ids[val_rows], labels, encoder.words,
+                              encoder.rows, encoder.word_vectors, extras, features[zs_rows], label_ids[zs_rows])
+    return extras, modes
+
+
+def evaluate(artifacts: str | Path, data: str | Path, cache: str | Path = ".cache",
+             held_out: list[str] | None = None, out: str | Path | None = None) -> dict:
+    """The quality report (batch/quality.py) of the artifact on the labelled images of `data`."""
     started = time.perf_counter()
-    for start in range(0, len(records), batch_size):
-        pixels = []
-        for record in records[start:start + batch_size]:
-            try:
-                pixels.append(encoder.images.pixels(Path(record.path).read_bytes()))
-                truths.append(record.label)
-            except (ImageError, OSError):
-                unreadable += 1
-        if pixels:
-            vectors.extend(encoder.images.head(encoder.images.features_of_pixels(np.stack(pixels))))
-        log.info("evaluated %d/%d images", min(start + batch_size, len(records)), len(records))
-    vectors = np.stack(vectors)
-    label_rows = [encoder.rows[label.lower()] for label in labels]
-    flat = np.asarray(labels)[np.argmax(vectors @ encoder.word_vectors[label_rows].T, axis=1)]
-    top = np.argsort(-(vectors @ encoder.word_vectors.T), axis=1)[:, :10]
-    words = np.asarray(encoder.words)[top]
-    truths_arr = np.asarray([t.lower() for t in truths])
-    return {
-        "artifact": encoder.version,
-        "data": str(data),
-        "images": len(truths),
-        "unreadable": unreadable,
-        "label_hit1": float(np.mean(flat == np.asarray(truths))),
-        **{f"tag_hit{k}": float(np.mean([t in row[:k] for t, row in zip(truths_arr, words)])) for k in (1, 5, 10)},
-        "vocabulary": len(encoder.words),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    cache = Path(cache)
+    encoder = EncoderCore(artifacts)
+    labels = encoder.manifest["labels"]
+    records = labelled(list_images(data))
+    records, features, unreadable = _features(records, encoder, cache)
+    extras, modes = _extras(encoder, cache, held_out)
+    truths = [r.label for r in records]
+    result = quality.report(modes, features, truths, labels, encoder.words, encoder.rows, encoder.word_vectors,
+                            extras, ids=[r.id for r in records])
+    default = result["default_mode"]
+    result.update(artifact=encoder.version, data=str(data), unreadable=unreadable,
+                  not_a_label=sum(t not in labels for t in truths),
+                  # the default mode's headline figures, under the names earlier reports used
+                  label_hit1=result["flat"][default]["hit1"], **result["tags"][default])
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        keep = [i for i, t in enumerate(truths) if t in labels]
+        vectors = {mode: modes.embed(features[keep], mode) for mode in MODES}
+        quality.gallery(out / "gallery.html", vectors, [records[i].path for i in keep], [records[i].id for i in keep],
+                        [truths[i] for i in keep], encoder.rows, encoder.word_vectors)
+        result["gallery"] = str(out / "gallery.html")
+        if extras is not None:  # the same page for the head that never saw the held-out labels
+            seen = [label for label in labels if label not in extras.held_out]
+            zero_shot = modes.with_head(extras.zero_shot, quality.label_matrix(seen, encoder.rows, encoder.word_vectors))
+            beta = result["zero_shot"]["beta"]
+            vectors = {mode: zero_shot.embed(features[keep], mode, beta=beta) for mode in MODES}
+            queries = [c for c, relevant in quality.CONCEPTS.items() if set(relevant) <= set(extras.held_out)][:4]
+            quality.gallery(out / "gallery-zero-shot.html", vectors, [records[i].path for i in keep],
+                            [records[i].id for i in keep], [truths[i] for i in keep], encoder.rows,
+                            encoder.word_vectors, queries, title=f"head trained without {', '.join(extras.held_out)}")
+            result["gallery_zero_shot"] = str(out / "gallery-zero-shot.html")
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
     parser.add_argument("--data", required=True, help="labelled images, one sub-folder per label")
+    parser.add_argument("--cache", default=os.environ.get("CACHE", ".cache"), help="feature cache (shared with batch-train)")
+    parser.add_argument("--held-out", default=None,
+                        help="comma-separated labels for the zero-shot run (default: the artifact's, cat,truck)")
+    parser.add_argument("--out", default=None, help="folder for eval.json, eval.md and gallery.html "
+                                                    "(default: CACHE/eval)")
+    parser.add_argument("--json", default=None, help="write the JSON report here too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(json.dumps(evaluate(args.artifacts, args.data), indent=2))
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}),
+                 include_dashboard=False, log_to_driver=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    out = Path(args.out or Path(args.cache) / "eval")
+    try:
+        held_out = [x.strip() for x in args.held_out.split(",") if x.strip()] if args.held_out else None
+        result = evaluate(args.artifacts, args.data, args.cache, held_out, out)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        ray.shutdown()
+    text = json.dumps(result, indent=2)
+    (out / "eval.json").write_text(text)
+    table = quality.markdown(result)
+    (out / "eval.md").write_text(table)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(table)
+    print(f"JSON: {out / 'eval.json'}; table: {out / 'eval.md'}; galleries: {result.get('gallery')}, "
+          f"{result.get('gallery_zero_shot')}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from batch import backbones
+from batch import backbones, quality
 from batch.build_index import build_indexes
 from batch.extract import extract
 from batch.images import ImageRecord, labelled, list_images
@@ -26,9 +26,10 @@ from batch.publish import new_staging, publish
 from batch.train_head import HeadConfig, split, train_head
 from services.common import artifact
 from services.encoder import word_vectors
+from services.encoder.modes import FILE as MODES_FILE, Modes
 from services.encoder.query import Term, embed
-
 from services.index import live
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ class Options:
     actors: int = 0  # 0: one per CPU of the Ray cluster (divided by threads_per_actor)
     threads_per_actor: int = 1
     shards: int = 1
+    quality: bool = True  # train the softmax baseline and zero-shot head; choose mode parameters on validation
+    held_out: tuple[str, ...] | None = None  # labels left out of the zero-shot head (default: cat, truck)
 
 
 def label_vectors(labels: list[str], words: word_vectors.WordVectors) -> np.ndarray:
@@ -83,9 +86,6 @@ def limit(records: list[ImageRecord], per_label: int) -> list[ImageRecord]:
     return kept
 
 
-def backbone_onnx(options: Options) -> Path:
-    """The exported backbone, cached by name and weights file."""
-    tag = options.backbone
 def with_live_updates(records: list[ImageRecord], artifacts: Path) -> tuple[list[ImageRecord], dict]:
     """The searchable images with the live log folded in: images added since are in, deleted ones out."""
     added, deleted = live.membership(artifacts)
@@ -97,6 +97,9 @@ def with_live_updates(records: list[ImageRecord], artifacts: Path) -> tuple[list
     return folded, {"added": len(added), "deleted": len(records) - len(kept)}
 
 
+def backbone_onnx(options: Options) -> Path:
+    """The exported backbone, cached by name and weights file."""
+    tag = options.backbone
     if options.backbone_weights:
         tag += "-" + hashlib.sha1(Path(options.backbone_weights).read_bytes()).hexdigest()[:12]
     path = options.cache / "backbones" / f"{tag}.onnx"
@@ -130,10 +133,10 @@ def run(options: Options) -> Path:
         raise ValueError(f"{options.data}: no labelled images (expected one sub-folder per label)")
     index_records = (limit(list_images(options.index_data), options.limit_per_label)
                      if options.index_data else train_records)
+    index_records, live_changes = with_live_updates(index_records, options.artifacts)
     log.info("data: %d labelled images in %s; %d searchable images", len(train_records), options.data, len(index_records))
 
     words = word_vectors.load(options.word_vectors)
-    index_records, live_changes = with_live_updates(index_records, options.artifacts)
     labels = sorted({r.label for r in train_records})
     targets = label_vectors(labels, words)
     log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
@@ -157,12 +160,35 @@ def run(options: Options) -> Path:
 
     val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
         if len(val_rows) else 0.0
-    image_vectors = trained.head(np.stack([extraction.features[r.path] for r in index_ok]))
+    quality_started = time.perf_counter()
+    rows = words.index()
+    modes = Modes.build(onnx_path, rows, words.vectors, trained.head, targets)
+    extras, mode_params, quality_report = None, modes.params.to_dict(), {}
+    if options.quality and len(labels) >= 3 and len(val_rows):
+        held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
+        extras = quality.train_extras(features, label_ids, labels, targets, train_rows, val_rows, options.head,
+                                      options.cache / "ray-train", held)
+    if len(val_rows):
+        zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, extras.held_out) if extras else val_rows
+        modes, mode_params = quality.choose(modes, features[val_rows], label_ids[val_rows], labels, words.words,
+                                            rows, words.vectors, extras, features[zs_rows], label_ids[zs_rows])
+        quality_report = quality.report(modes, features[val_rows], [train_ok[i].label for i in val_rows], labels,
+                                        words.words, rows, words.vectors, extras, ids=[train_ok[i].id for i in val_rows])
+    quality_seconds = time.perf_counter() - quality_started
+    log.info("modes: default %s (chosen on validation) in %.1f s", modes.params.default, quality_seconds)
+    image_vectors = modes.embed(np.stack([extraction.features[r.path] for r in index_ok]))
 
     staging = new_staging(options.artifacts)
     try:
         shutil.copyfile(onnx_path, staging / artifact.BACKBONE)
         trained.head.save(staging / artifact.HEAD)
+        modes.save(staging / MODES_FILE)
+        if extras is not None:
+            (staging / quality.BASELINES).mkdir()
+            extras.softmax.save(staging / quality.BASELINES / quality.SOFTMAX_HEAD)
+            extras.zero_shot.save(staging / quality.BASELINES / quality.ZERO_SHOT_HEAD)
+        if quality_report:
+            (staging / quality.REPORT_MD).write_text(quality.markdown(quality_report))
         indexes = build_indexes(staging, image_vectors, index_ok, words, options.shards)
         unreadable = extraction.unreadable
         (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
@@ -174,7 +200,9 @@ def run(options: Options) -> Path:
                        "extracted_by_node": extraction.by_node, "live_updates": live_changes},
             "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": val_tag,
                            "best_epoch": trained.best_epoch},
+            "quality": quality_report,
             "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
+                        "quality": round(quality_seconds, 1),
                         "total": round(time.perf_counter() - started, 1)},
         }
         (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
@@ -187,6 +215,9 @@ def run(options: Options) -> Path:
             "dimension": words.dimension,
             "labels": labels,
             "head": {**options.head.__dict__, "validation_label_hit1": trained.val_hit1},
+            "modes": mode_params,
+            "quality": {"held_out": extras.held_out if extras else [], "seed": options.head.seed,
+                        "val_fraction": options.val_fraction},
             "data": {"labelled": str(options.data), "searchable": str(options.index_data or options.data)},
             "indexes": indexes,
         }
@@ -206,7 +237,10 @@ def summary(version_dir: Path, report: dict) -> str:
         f"{images['extracted_now']} extracted now, {images['from_cache']} from cache, {images['unreadable']} unreadable\n"
         f"  validation ({images['validation']} images): label hit@1 {val['label_hit1']:.3f}, "
         f"tag hit@1 over the whole vocabulary {val['tag_hit1_whole_vocabulary']:.3f}\n"
-        f"  seconds: extract {seconds['extract']}, train head {seconds['train_head']}"
+        f"  seconds: extract {seconds['extract']}, train head {seconds['train_head']}, "
+        f"quality (baseline, zero-shot head, mode choice, report) {seconds.get('quality', 0)}"
+        + (f"\n  default mode {report['quality']['default_mode']}; report.md in the artifact"
+           if report.get("quality") else "")
     )
 
 
@@ -234,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--backbone-weights", default=env("BACKBONE_WEIGHTS") or None,
                         help="a torchvision state_dict file for vgg16/resnet50, or an EfficientNet-Lite .pth")
     parser.add_argument("--epochs", type=int, default=int(env("EPOCHS", HeadConfig.epochs)))
-    parser.add_argument("--loss", choices=["cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
+    parser.add_argument("--loss", choices=["cosine-softmax", "cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--limit-per-label", type=int, default=0, help="use at most N images per label (quick runs)")
     parser.add_argument("--actors", type=int, default=0,
@@ -244,6 +278,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--shards", type=int, default=int(env("SHARDS", 1)),
                         help="write the image index as N shards, one per index process (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-out", default=env("HELD_OUT") or None,
+                        help="comma-separated labels left out of the zero-shot head (default: cat,truck if present)")
+    parser.add_argument("--no-quality", action="store_true",
+                        help="skip the softmax baseline, the zero-shot head and the quality report")
     args = parser.parse_args(argv)
     return Options(
         data=Path(args.data) if args.data else default_data(Path(args.cache)),
@@ -253,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         head=HeadConfig(epochs=args.epochs, loss=args.loss, seed=args.seed),
         val_fraction=args.val_fraction, limit_per_label=args.limit_per_label,
         actors=args.actors, threads_per_actor=args.threads_per_actor, shards=args.shards,
+        quality=not args.no_quality,
+        held_out=tuple(x.strip() for x in args.held_out.split(",") if x.strip()) if args.held_out else None,
     )
 
 

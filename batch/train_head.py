@@ -28,8 +28,14 @@ class HeadConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     dropout: float = 0.3
-    loss: str = "cosine"  # or "hinge": the DeViSE rank loss over the label words
+    # "cosine-softmax": 1 - cos(output, label) plus softmax_weight x cross-entropy over the cosines to all
+    # label words / temperature (validation, cifar10: flat hit@1 0.808 and tag hit@1 0.804 against
+    # cosine's 0.800 and 0.794); "cosine"; "hinge": the DeViSE rank loss over the label words
+    # (flat 0.818 but tag 0.134: it ranks labels without landing on their words); "softmax": the baseline.
+    loss: str = "cosine-softmax"
     margin: float = 0.1
+    temperature: float = 0.1
+    softmax_weight: float = 0.1
     seed: int = 0
     workers: int = 1
 
@@ -55,10 +61,16 @@ def fold(module: torch.nn.Module) -> Head:
                 dense2.weight.detach().T.numpy().astype(np.float32), dense2.bias.detach().numpy().astype(np.float32))
 
 
-def _loss(outputs, labels, label_vectors, kind: str, margin: float):
+def _loss(outputs, labels, label_vectors, kind: str, margin: float, temperature: float = 0.1,
+          softmax_weight: float = 0.1):
+    if kind == "softmax":  # the baseline classifier: outputs are logits over the labels (label_vectors = I)
+        return torch.nn.functional.cross_entropy(outputs, labels)
     outputs = torch.nn.functional.normalize(outputs, dim=1)
     if kind == "cosine":
         return (1 - (outputs * label_vectors[labels]).sum(1)).mean()
+    if kind == "cosine-softmax":
+        cosine = (1 - (outputs * label_vectors[labels]).sum(1)).mean()
+        return cosine + softmax_weight * torch.nn.functional.cross_entropy(outputs @ label_vectors.T / temperature, labels)
     scores = outputs @ label_vectors.T
     true = scores.gather(1, labels[:, None])
     violations = torch.clamp(margin - true + scores, min=0)
@@ -96,7 +108,8 @@ def _train_loop(config: dict) -> None:
             rows = order[start:start + config["batch_size"]]
             if len(rows) < 2:
                 continue
-            loss = _loss(model(train_x[rows]), train_y[rows], label_vectors, config["loss"], config["margin"])
+            loss = _loss(model(train_x[rows]), train_y[rows], label_vectors, config["loss"], config["margin"],
+                         config["temperature"], config["softmax_weight"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -42,15 +42,16 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def train_options(data: Path, artifacts: Path, cache: Path, **overrides) -> Options:
     defaults = dict(data=data, index_data=None, artifacts=artifacts, cache=cache,
-                    limit_per_label=TRAIN_PER_LABEL, head=HeadConfig(epochs=15))
+                    limit_per_label=TRAIN_PER_LABEL, head=HeadConfig(epochs=15), quality=False)
     return Options(**{**defaults, **overrides})
 
 
 @pytest.fixture(scope="session")
 def artifact_root(tmp_path_factory, ray_runtime, cache_dir, cifar) -> Path:
-    """A real artifact: EfficientNet-Lite0 + GloVe 6B 50d, head trained on 100 photos per class."""
+    """A real artifact: EfficientNet-Lite0 + GloVe 6B 50d, head trained on 100 photos per class, with the
+    quality extras (softmax baseline, zero-shot head, modes chosen on validation) that other runs skip."""
     root = tmp_path_factory.mktemp("artifacts")
-    run(train_options(cifar / "train", root, cache_dir))
+    run(train_options(cifar / "train", root, cache_dir, quality=True))
     return root
 
 

@@ -10,7 +10,7 @@ from services.common import artifact
 from services.index.core import read_items
 from tests.conftest import REPO
 
-FLAGS = ["--limit-per-label", "20", "--epochs", "3"]
+FLAGS = ["--limit-per-label", "20", "--epochs", "3", "--no-quality"]
 
 
 def run_job(command, tmp_path, name):

@@ -170,7 +170,7 @@ def test_a_killed_batch_job_resumes_from_its_cache(artifact_root, cifar, tmp_pat
     """SIGKILL during extraction; the rerun extracts only the rest and publishes the same artifact."""
     cache, out = tmp_path / "cache", tmp_path / "artifacts"
     command = [sys.executable, "-m", "batch.train", "--data", str(cifar / "train"), "--artifacts", str(out),
-               "--cache", str(cache), "--limit-per-label", str(TRAIN_PER_LABEL), "--epochs", "15"]
+               "--cache", str(cache), "--limit-per-label", str(TRAIN_PER_LABEL), "--epochs", "15", "--no-quality"]
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     parts = cache / "features" / "efficientnet-lite0"

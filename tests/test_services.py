@@ -64,6 +64,20 @@ def test_gateway_search_is_encoder_then_index(stubs):
     np.testing.assert_allclose([r.score for r in through.results], [n.score for n in direct.neighbors], rtol=1e-6)
 
 
+def test_tag_mode_is_chosen_per_request(stubs, cifar):
+    gateway, encoder, _ = stubs
+    info = encoder.Info(encoder_pb2.EncoderInfoRequest())
+    assert list(info.modes) == ["devise", "conse", "hybrid"] and info.default_mode in info.modes
+    photo = (cifar / "test" / "cat" / "0001.jpg").read_bytes()
+    tags = {mode: [w.word for w in gateway.Tag(gateway_pb2.TagRequest(image=photo, k=10, mode=mode)).words]
+            for mode in info.modes}
+    assert tags[info.default_mode] == [w.word for w in gateway.Tag(gateway_pb2.TagRequest(image=photo, k=10)).words]
+    assert tags["conse"] != tags["devise"]  # no head at all: the ImageNet classifier's own view
+    vectors = {mode: encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=photo, mode=mode)).values
+               for mode in info.modes}
+    assert all(math.isclose(np.linalg.norm(v), 1.0, rel_tol=1e-4) for v in vectors.values())
+
+
 def test_batched_image_encoding_matches_single(stubs, cifar):
     _, encoder, _ = stubs
     photos = [p.read_bytes() for p in sorted((cifar / "test" / "frog").iterdir())[:3]]
@@ -99,6 +113,7 @@ BAD_REQUESTS = [
     ("gateway", "Search", gateway_pb2.SearchRequest(image=b"", k=5), BAD, "empty"),
     ("gateway", "Tag", gateway_pb2.TagRequest(image=TRUNCATED_JPEG, k=5), BAD, "cannot be decoded"),
     ("gateway", "Tag", gateway_pb2.TagRequest(image=b"plain text", k=5), BAD, "not an image"),
+    ("gateway", "Tag", gateway_pb2.TagRequest(image=b"plain text", k=5, mode="magic"), BAD, "unknown mode 'magic'"),
     ("gateway", "SimilarImages", gateway_pb2.SimilarImagesRequest(id="no/such.jpg", k=5), MISSING, "no/such.jpg"),
     ("gateway", "SimilarWords", gateway_pb2.SimilarWordsRequest(word="qqzzyx", k=5), MISSING, "qqzzyx"),
     ("gateway", "SimilarWords", gateway_pb2.SimilarWordsRequest(word=" ", k=5), BAD, "needs a word"),

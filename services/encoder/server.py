@@ -16,6 +16,7 @@ from services.common import security
 from services.common import server as common
 from services.encoder.core import EncoderCore
 from services.encoder.images import ImageError
+from services.encoder.modes import UnknownModeError
 from services.encoder.query import QueryError, UnknownWordsError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         )
 
     def EncodeImage(self, request, context):
-        vectors, version = self._encode([request.image], request.artifact_version, context)
+        vectors, version = self._encode([request.image], request.artifact_version, request.mode, context)
         return encoder_pb2.Vector(values=vectors[0].tolist(), artifact_version=version)
 
     def EncodeImages(self, request, context):
@@ -56,17 +57,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                           f"{len(request.images)} images in one call; the limit is {MAX_BATCH}")
         if not request.images:
             return encoder_pb2.EncodeImagesResponse()
-        vectors, version = self._encode(list(request.images), request.artifact_version, context)
+        vectors, version = self._encode(list(request.images), request.artifact_version, request.mode, context)
         return encoder_pb2.EncodeImagesResponse(vectors=[_vector(v) for v in vectors], artifact_version=version)
 
     def Info(self, request, context):
-        return encoder_pb2.EncoderInfo(**self.loading.get(context).info())
+        core: EncoderCore = self.loading.get(context)
+        return encoder_pb2.EncoderInfo(**core.info(), default_mode=core.default_mode, modes=core.list_modes())
 
-    def _encode(self, images: list[bytes], version: str, context):
+    def _encode(self, images: list[bytes], version: str, mode: str, context):
         core: EncoderCore = self.loading.get(context, version)
         try:
-            return core.encode_images(images), core.version
-        except ImageError as error:
+            return core.encode_images(images, mode or None), core.version
+        except (ImageError, UnknownModeError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
 

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("--min-score", type=float)
     tag = command("tag", "the nearest words of the whole vocabulary for an image file", 5)
     tag.add_argument("image")
+    tag.add_argument("--mode", default="", choices=["", "devise", "conse", "hybrid"],
+                     help="how the image becomes a vector (default: the artifact's mode)")
     words = command("words", "words similar to a word", 10)
     words.add_argument("word")
     add = commands.add_parser("add", help="add image files to the collection (searchable at once, kept on restart)")
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, str]:
         page = gallery.render(f"similar to {args.image}", hits, query_image=args.image)
         return _image_json(args.image, hits), _image_table(hits), page
     if args.command == "tag":
-        hits = client.tag(_read_image(args.image), k=args.k)
+        hits = client.tag(_read_image(args.image), k=args.k, mode=args.mode)
         page = gallery.render(f"tags for {args.image}", words=hits, query_image=args.image)
         return _word_json("tags", hits), _word_table(hits), page
     if args.command == "add":

@@ -65,8 +65,9 @@ class Client:
         request = gateway_pb2.SimilarImagesRequest(image=image, id=id, k=k, min_score=min_score)
         return _image_hits(self.stub.SimilarImages(request, timeout=self.timeout))
 
-    def tag(self, image: bytes, k: int = 5) -> list[WordHit]:
-        return _word_hits(self.stub.Tag(gateway_pb2.TagRequest(image=image, k=k), timeout=self.timeout))
+    def tag(self, image: bytes, k: int = 5, mode: str = "") -> list[WordHit]:
+        """The nearest words; `mode`: devise, conse or hybrid ("" for the artifact's default)."""
+        return _word_hits(self.stub.Tag(gateway_pb2.TagRequest(image=image, k=k, mode=mode), timeout=self.timeout))
 
     def words(self, word: str, k: int = 10) -> list[WordHit]:
         return _word_hits(self.stub.SimilarWords(gateway_pb2.SimilarWordsRequest(word=word, k=k), timeout=self.timeout))

@@ -97,7 +97,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def Tag(self, request, context):
         _check_k(request.k, context)
         return _word_results(self._on_one_version(
-            lambda version: self._search_by_image("words", request.image, version, context, request.k, None), context))
+            lambda version: self._search_by_image("words", request.image, version, context, request.k, None,
+                                                  request.mode), context))
 
     def SimilarWords(self, request, context):
         _check_k(request.k, context)
@@ -160,9 +161,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 tried.add(version := mismatch.version)
         context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder and the index are switching artifact versions; retry")
 
-    def _search_by_image(self, index: str, image: bytes, version: str, context, k: int, min_score: float | None):
+    def _search_by_image(self, index: str, image: bytes, version: str, context, k: int, min_score: float | None,
+                         mode: str = ""):
         encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImage,
-                                       encoder_pb2.EncodeImageRequest(image=image, artifact_version=version), context)
+                                       encoder_pb2.EncodeImageRequest(image=image, artifact_version=version, mode=mode),
+                                       context)
         return self._search(index, context, k, min_score, encoded.values, encoded.artifact_version)
 
     def _similar_to_id(self, image_id: str, version: str, context, k: int, min_score: float | None):

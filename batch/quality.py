@@ -1,0 +1,384 @@
+"""Search quality: mode parameters chosen on validation, and the evaluation report.
+
+One report, two callers: batch-train writes it on its validation split into every artifact,
+`make eval` (batch/evaluate.py) on a labelled test folder. It holds
+- flat hit@1/2/5 over the label set per mode, beside a softmax classifier trained on the same features;
+- tag hit@1/5/10 over the whole vocabulary per mode;
+- zero-shot: a head trained without the held-out labels (default cat, truck); hit@1 among all
+  labels and among the unseen ones, for unseen and for seen photos, per mode;
+- a concept benchmark (words that are not labels, each with the labels of its relevant photos):
+  precision@10 of text -> image search per mode;
+- the example queries with their top answers.
+
+Mode parameters are never chosen on the evaluated split: batch-train chooses them on the
+validation split of the training folder (`choose`), and `make eval` reads them from the artifact.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.encoder.head import Head
+from services.encoder.modes import MODES, Modes, ModeParams, class_vectors, imagenet_names, phrase_vector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HELD_OUT = ("cat", "truck")
+BASELINES = "baselines"  # artifact folder of the extra heads
+SOFTMAX_HEAD = "softmax.npz"
+ZERO_SHOT_HEAD = "zero_shot.npz"
+REPORT_MD = "report.md"
+TOPS = (1, 5, 10, 20)
+BETAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+GAMMAS = tuple(round(g, 3) for g in np.arange(0, 0.4, 0.005))
+TOLERANCE = 0.005  # hybrid may lose at most this much of devise's validation tag hit@1
+SEEN_KEEP = 0.85  # zero-shot calibration keeps at least this share of devise's seen-photo hit@1
+
+# Concept benchmark: query words that are not labels -> the labels whose photos are relevant.
+CONCEPTS: dict[str, tuple[str, ...]] = {
+    "kitten": ("cat",), "feline": ("cat",), "puppy": ("dog",), "jet": ("airplane",),
+    "boat": ("ship",), "sailing": ("ship",), "ocean": ("ship",), "lorry": ("truck",),
+    "highway": ("automobile", "truck"), "vehicle": ("automobile", "truck"), "stallion": ("horse",),
+    "toad": ("frog",), "antlers": ("deer",), "sparrow": ("bird",), "wings": ("airplane", "bird"),
+    "pet": ("cat", "dog"), "mammal": ("cat", "deer", "dog", "horse"),
+    "animal": ("bird", "cat", "deer", "dog", "frog", "horse"),
+}
+EXAMPLES = ("dog", "ocean", "cat sofa", "cat+sofa-dog", "kitten", "lorry")
+GALLERY_QUERIES = ("kitten", "ocean", "lorry", "antlers")
+
+
+@dataclass
+class Extras:
+    """Heads trained beside the default one, on the same training rows."""
+
+    softmax: Head  # the baseline classifier over the labels (argmax of its outputs)
+    zero_shot: Head  # the DeViSE head trained without the held-out labels
+    held_out: list[str]
+
+
+def label_matrix(labels: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
+    return np.stack([phrase_vector(label.replace("_", " "), rows, vectors) for label in labels])
+
+
+def hits(scores: np.ndarray, truth: np.ndarray, ks=(1, 2, 5)) -> dict[str, float]:
+    """Share of rows whose true column is among the top k scores."""
+    order = np.argsort(-scores, axis=1)
+    return {f"hit{k}": float(np.mean((order[:, :k] == truth[:, None]).any(axis=1))) for k in ks}
+
+
+def tag_hits(vectors: np.ndarray, truth_words: list[str], words: list[str], word_vectors: np.ndarray,
+             ks=(1, 5, 10)) -> dict[str, float]:
+    """Tag hit@k: the true label word among the k nearest words of the whole vocabulary (exact).
+
+    The rank of the true word is the number of words scoring above it (no full sort).
+    """
+    row_of = {}
+    for word in set(truth_words):
+        try:
+            row_of[word] = words.index(word)
+        except ValueError:  # a label that is not one word of the vocabulary is never a tag hit
+            row_of[word] = -1
+    ranks = np.full(len(vectors), np.iinfo(np.int64).max)
+    for start in range(0, len(vectors), 256):
+        chunk = vectors[start:start + 256]
+        truth_rows = np.asarray([row_of[w] for w in truth_words[start:start + 256]])
+        known = truth_rows >= 0
+        if not known.any():
+            continue
+        scores = chunk[known] @ word_vectors.T
+        truth_scores = scores[np.arange(len(scores)), truth_rows[known]]
+        ranks[start + np.flatnonzero(known)] = (scores > truth_scores[:, None]).sum(axis=1)
+    return {f"tag_hit{k}": float(np.mean(ranks < k)) if len(ranks) else 0.0 for k in ks}
+
+
+def held_out_labels(labels: list[str], requested: list[str] | None = None, seed: int = 0) -> list[str]:
+    """The labels left out of the zero-shot head: `requested`, else cat+truck, else a seeded fifth."""
+    if requested:
+        missing = [label for label in requested if label not in labels]
+        if missing:
+            raise ValueError(f"held-out labels not among the labels: {', '.join(missing)}")
+        return list(requested)
+    if all(label in labels for label in DEFAULT_HELD_OUT):
+        return list(DEFAULT_HELD_OUT)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(labels, size=max(1, len(labels) // 5), replace=False).tolist())
+
+
+def train_extras(features: np.ndarray, label_ids: np.ndarray, labels: list[str], targets: np.ndarray,
+                 train_rows: np.ndarray, val_rows: np.ndarray, config, storage: Path,
+                 held_out: list[str]) -> Extras:
+    """Train the softmax baseline and the zero-shot head with Ray Train (same rows, same recipe)."""
+    from batch.train_head import train_head
+
+    softmax = train_head(features, label_ids, np.eye(len(labels), dtype=np.float32), train_rows, val_rows,
+                         type(config)(**{**config.__dict__, "loss": "softmax"}), storage)
+    # The zero-shot head sees neither the held-out labels' photos nor their words (not even as negatives).
+    seen = np.asarray([label not in held_out for label in labels])
+    unseen = ~seen[label_ids]
+    remap = np.cumsum(seen) - 1
+    zero_shot = train_head(features, remap[label_ids], targets[seen], train_rows[~unseen[train_rows]],
+                           val_rows[~unseen[val_rows]], config, storage)
+    return Extras(softmax.head, zero_shot.head, list(held_out))
+
+
+def _harmonic(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def zero_shot_scores(modes: Modes, features: np.ndarray, label_vectors: np.ndarray, seen: np.ndarray,
+                     mode: str, beta: float, gamma: float) -> np.ndarray:
+    vectors = modes.embed(features, mode, beta=beta)
+    return modes.label_scores(vectors, label_vectors, seen, gamma)
+
+
+def _split_hit1(scores: np.ndarray, truth: np.ndarray, seen: np.ndarray) -> tuple[float, float]:
+    """hit@1 among all labels for (unseen photos, seen photos)."""
+    predicted = scores.argmax(axis=1)
+    unseen_photo = ~seen[truth]
+    return (float(np.mean(predicted[unseen_photo] == truth[unseen_photo])) if unseen_photo.any() else 0.0,
+            float(np.mean(predicted[~unseen_photo] == truth[~unseen_photo])) if (~unseen_photo).any() else 0.0)
+
+
+def zero_shot_rows(label_ids: np.ndarray, val_rows: np.ndarray, labels: list[str], held_out: list[str]) -> np.ndarray:
+    """Validation rows for the zero-shot parameters: the seen labels' validation photos and every photo
+    of the held-out labels (the zero-shot head never trains on any of them)."""
+    unseen = np.isin(label_ids, [labels.index(label) for label in held_out])
+    return np.union1d(val_rows[~unseen[val_rows]], np.flatnonzero(unseen))
+
+
+def choose(modes: Modes, features: np.ndarray, truth: np.ndarray, labels: list[str], words: list[str],
+           rows: dict[str, int], word_vectors: np.ndarray, extras: Extras | None,
+           zero_shot_features: np.ndarray | None = None, zero_shot_truth: np.ndarray | None = None
+           ) -> tuple[Modes, dict]:
+    """Mode parameters from validation figures (features/truth: the training folder's validation split).
+
+    - ConSE's class names (clean or WordNet synonyms) and T: best conse flat hit@1.
+    - hybrid beta for the artifact: the largest whose tag hit@1 stays within TOLERANCE of devise's
+      (its flat hit@k equal devise's by construction); the default mode is hybrid when beta > 0 and
+      its concept-benchmark precision@10 is at least devise's, else devise.
+    - zero-shot beta and gamma (calibrated stacking), with the head trained without the held-out
+      labels, on `zero_shot_features` (see zero_shot_rows): the best unseen-photo hit@1 among all
+      labels that keeps seen-photo hit@1 >= SEEN_KEEP x devise's.
+    """
+    label_vectors = label_matrix(labels, rows, word_vectors)
+    figures: dict = {"images": int(len(truth))}
+    best = None
+    for names in ("clean", "synonyms"):
+        candidate = modes.with_table(class_vectors(imagenet_names(names), rows, word_vectors))
+        for top in TOPS:
+            hit1 = hits(candidate.conse(features, top) @ label_vectors.T, truth, (1,))["hit1"]
+            figures[f"conse_{names}_T{top}_hit1"] = hit1
+            if best is None or hit1 > best[0]:
+                best = (hit1, names, top, candidate)
+    _, names, top, modes = best
+    modes = modes.with_params(top=top)
+    figures["conse_names"], figures["conse_top"] = names, top
+
+    devise = modes.head(features)
+    conse = modes.conse(features)
+    truth_words = [labels[t].lower() for t in truth]
+    devise_tag = tag_hits(devise, truth_words, words, word_vectors, (1,))["tag_hit1"]
+    beta, tag, tags = 0.0, devise_tag, {}
+    for candidate in BETAS[1:]:
+        tags[candidate] = tag_hits(modes.hybrid(devise, conse, candidate), truth_words, words, word_vectors,
+                                   (1,))["tag_hit1"]
+        if tags[candidate] < devise_tag - TOLERANCE:
+            break
+        beta, tag = candidate, tags[candidate]
+    concepts = concept_benchmark({"devise": devise, "hybrid": modes.hybrid(devise, conse, beta)},
+                                 [labels[t] for t in truth], rows, word_vectors)["mean"]
+    figures.update(devise_flat_hit1=hits(devise @ label_vectors.T, truth, (1,))["hit1"], devise_tag_hit1=devise_tag,
+                   hybrid_beta=beta, hybrid_tag_hit1=tag, hybrid_tag_hit1_by_beta={str(b): t for b, t in tags.items()},
+                   devise_concepts_p10=concepts["devise"], hybrid_concepts_p10=concepts["hybrid"])
+    default = "hybrid" if beta > 0 and concepts["hybrid"] >= concepts["devise"] else "devise"
+
+    gamma, zero_shot = 0.0, {}
+    if extras is not None:
+        if zero_shot_features is None:
+            zero_shot_features, zero_shot_truth = features, truth
+        seen = np.asarray([label not in extras.held_out for label in labels])
+        zs = modes.with_head(extras.zero_shot, label_vectors[seen])
+        zs_devise, zs_conse = zs.head(zero_shot_features), zs.conse(zero_shot_features)
+        floor = SEEN_KEEP * _split_hit1(zs_devise @ label_vectors.T, zero_shot_truth, seen)[1]
+        best = (-1.0, 0.0, 0.0, 0.0, 0.0)
+        for b in BETAS:
+            base = zs.hybrid(zs_devise, zs_conse, b) @ label_vectors.T
+            for g in GAMMAS:
+                unseen_hit, seen_hit = _split_hit1(base - g * seen[None, :], zero_shot_truth, seen)
+                if seen_hit >= floor and unseen_hit > best[0] + 1e-9:
+                    best = (unseen_hit, b, g, unseen_hit, seen_hit)
+        _, zs_beta, gamma, unseen_hit, seen_hit = best
+        zero_shot = {"held_out": extras.held_out, "beta": zs_beta, "gamma": gamma, "images": int(len(zero_shot_truth)),
+                     "unseen_images": int((~seen[zero_shot_truth]).sum()),
+                     "validation_unseen_hit1": unseen_hit, "validation_seen_hit1": seen_hit, "seen_floor": floor,
+                     "rule": f"best unseen hit@1 among all labels keeping seen hit@1 >= {SEEN_KEEP} x devise's"}
+    params = ModeParams(default=default, top=top, beta=beta, gamma=gamma,
+                        chosen_on={"split": "validation split of the training folder", **figures,
+                                   "zero_shot": zero_shot})
+    return modes.with_params(**params.__dict__), params.to_dict()
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: list[str], words: list[str],
+           rows: dict[str, int], word_vectors: np.ndarray, extras: Extras | None = None,
+           ids: list[str] | None = None) -> dict:
+    """The quality report on labelled images (features of the evaluated split, true label names)."""
+    label_vectors = label_matrix(labels, rows, word_vectors)
+    keep = np.asarray([t in labels for t in truth_labels])
+    features = features[keep]
+    truth_labels = [t for t, k in zip(truth_labels, keep) if k]
+    ids = [i for i, k in zip(ids or [str(n) for n in range(len(keep))], keep) if k]
+    truth = np.asarray([labels.index(t) for t in truth_labels])
+    truth_words = [t.lower() for t in truth_labels]
+    out: dict = {"images": int(len(truth)), "labels": labels, "vocabulary": len(words),
+                 "params": modes.params.to_dict(), "default_mode": modes.params.default}
+    vectors = {mode: modes.embed(features, mode) for mode in MODES}
+    out["flat"] = {mode: hits(vectors[mode] @ label_vectors.T, truth) for mode in MODES}
+    if extras is not None:
+        out["flat"]["softmax_baseline"] = hits(extras.softmax(features), truth)
+    out["flat"]["random"] = {f"hit{k}": min(1.0, k / len(labels)) for k in (1, 2, 5)}
+    out["tags"] = {mode: tag_hits(vectors[mode], truth_words, words, word_vectors) for mode in MODES}
+
+    if extras is not None:
+        seen = np.asarray([label not in extras.held_out for label in labels])
+        zs = modes.with_head(extras.zero_shot, label_vectors[seen])
+        zero = modes.params.chosen_on.get("zero_shot") or {}
+        beta, gamma = float(zero.get("beta", modes.params.beta)), float(zero.get("gamma", modes.params.gamma))
+        block = {"held_out": extras.held_out, "beta": beta, "gamma": gamma,
+                 "unseen_photos": int((~seen[truth]).sum()), "seen_photos": int(seen[truth].sum()),
+                 "random_hit1_all": 1 / len(labels)}
+        settings = {"devise": ("devise", 1.0, 0.0), "conse": ("conse", 0.0, 0.0),
+                    "hybrid_uncalibrated": ("hybrid", beta, 0.0), "hybrid": ("hybrid", beta, gamma)}
+        for name, (mode, a, g) in settings.items():
+            scores = zero_shot_scores(zs, features, label_vectors, seen, mode, a, g)
+            unseen_all, seen_all = _split_hit1(scores, truth, seen)
+            unseen_only = np.where(seen[None, :], -np.inf, scores)
+            seen_only = np.where(~seen[None, :], -np.inf, scores)
+            u = ~seen[truth]
+            block[name] = {
+                "unseen_hit1_all": unseen_all, "seen_hit1_all": seen_all,
+                "unseen_hit1_among_unseen": float(np.mean(unseen_only[u].argmax(1) == truth[u])) if u.any() else 0.0,
+                "seen_hit1_among_seen": float(np.mean(seen_only[~u].argmax(1) == truth[~u])) if (~u).any() else 0.0,
+            }
+        zs_vectors = {mode: zs.embed(features, mode, beta=beta) for mode in MODES}
+        block["concepts_p10"] = concept_benchmark(zs_vectors, truth_labels, rows, word_vectors,
+                                                  only={c for c, rel in CONCEPTS.items()
+                                                        if set(rel) & set(extras.held_out)})
+        out["zero_shot"] = block
+    out["concepts"] = concept_benchmark(vectors, truth_labels, rows, word_vectors)
+    default = vectors[modes.params.default]
+    out["examples"] = {}
+    for text in EXAMPLES:
+        vector = _query(text, rows, word_vectors)
+        if vector is None:
+            continue
+        top = np.argsort(-(default @ vector))[:5]
+        out["examples"][text] = [{"id": ids[i], "label": truth_labels[i], "score": round(float(default[i] @ vector), 3)}
+                                 for i in top]
+    return out
+
+
+def _query(text: str, rows: dict[str, int], word_vectors: np.ndarray) -> np.ndarray | None:
+    from services.encoder import query
+
+    try:
+        return query.embed(query.parse(text), rows, word_vectors)
+    except (query.QueryError, query.UnknownWordsError):
+        return None
+
+
+def concept_benchmark(vectors: dict[str, np.ndarray], truth_labels: list[str], rows: dict[str, int],
+                      word_vectors: np.ndarray, k: int = 10, only: set[str] | None = None) -> dict:
+    """precision@k of text -> image search for each concept word, per mode, and the mean."""
+    present = set(truth_labels)
+    truth = np.asarray(truth_labels)
+    out: dict = {"k": k, "queries": {}, "mean": {}}
+    for concept, relevant in CONCEPTS.items():
+        if only is not None and concept not in only:
+            continue
+        if concept not in rows or not set(relevant) & present:
+            continue
+        vector = word_vectors[rows[concept]]
+        out["queries"][concept] = {"relevant": list(relevant)}
+        for mode, mode_vectors in vectors.items():
+            top = np.argsort(-(mode_vectors @ vector))[:k]
+            out["queries"][concept][mode] = float(np.mean(np.isin(truth[top], relevant)))
+    for mode in vectors:
+        values = [q[mode] for q in out["queries"].values()]
+        out["mean"][mode] = float(np.mean(values)) if values else 0.0
+    return out
+
+
+def markdown(result: dict) -> str:
+    """A short table for people."""
+    f = lambda x: f"{x:.3f}"  # noqa: E731
+    lines = [f"Quality on {result['images']} images ({result.get('data', 'validation split')}); "
+             f"default mode: {result['default_mode']}", "",
+             "| mode | flat hit@1 | hit@2 | hit@5 | tag hit@1 | tag hit@5 | tag hit@10 | concepts p@10 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode in (*MODES, "softmax_baseline", "random"):
+        if mode not in result["flat"]:
+            continue
+        flat, tags = result["flat"][mode], result["tags"].get(mode)
+        tag_cells = [f(tags[f"tag_hit{k}"]) for k in (1, 5, 10)] if tags else ["-"] * 3
+        concepts = result["concepts"]["mean"].get(mode)
+        lines.append(f"| {mode} | {f(flat['hit1'])} | {f(flat['hit2'])} | {f(flat['hit5'])} | "
+                     + " | ".join(tag_cells) + f" | {f(concepts) if concepts is not None else '-'} |")
+    zero = result.get("zero_shot")
+    if zero:
+        lines += ["", f"Zero-shot: head trained without {', '.join(zero['held_out'])} "
+                      f"({zero['unseen_photos']} unseen, {zero['seen_photos']} seen photos; "
+                      f"hybrid beta {zero['beta']}, gamma {zero['gamma']}, chosen on validation)", "",
+                  "| mode | unseen photos: hit@1 all labels | among unseen | seen photos: hit@1 all labels "
+                  "| among seen | concepts p@10 |", "|---|---|---|---|---|---|"]
+        for mode in ("devise", "conse", "hybrid_uncalibrated", "hybrid"):
+            row = zero[mode]
+            concepts = zero["concepts_p10"]["mean"].get(mode.replace("_uncalibrated", ""))
+            lines.append(f"| {mode} | {f(row['unseen_hit1_all'])} | {f(row['unseen_hit1_among_unseen'])} | "
+                         f"{f(row['seen_hit1_all'])} | {f(row['seen_hit1_among_seen'])} | "
+                         f"{f(concepts) if concepts is not None and mode != 'hybrid_uncalibrated' else '-'} |")
+    lines += ["", "Concept benchmark (precision@10, text -> image):", "",
+              "| query | relevant | " + " | ".join(MODES) + " |", "|---|---|" + "---|" * len(MODES)]
+    for concept, row in result["concepts"]["queries"].items():
+        lines.append(f"| {concept} | {', '.join(row['relevant'])} | " + " | ".join(f(row[m]) for m in MODES) + " |")
+    lines += ["", "Example queries (default mode, top 5):", ""]
+    for text, answers in result["examples"].items():
+        lines.append(f"- `{text}`: " + ", ".join(f"{a['id']} ({a['score']})" for a in answers))
+    return "\n".join(lines) + "\n"
+
+
+def gallery(path: Path, vectors: dict[str, np.ndarray], image_paths: list[str], ids: list[str],
+            truth_labels: list[str], rows: dict[str, int], word_vectors: np.ndarray,
+            queries=GALLERY_QUERIES, k: int = 10, title: str = "") -> Path:
+    """One HTML page: for each concept query, the top k photos of each mode side by side."""
+    from services.gateway.gallery import _STYLE, _figure
+
+    heading = "Concept queries: devise, conse, hybrid" + (f" ({title})" if title else "")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(heading)}</title>",
+             f"<style>{_STYLE}</style><h1>{html.escape(heading)}</h1>"]
+    for text in queries:
+        if text not in rows:
+            continue
+        vector = word_vectors[rows[text]]
+        relevant = CONCEPTS.get(text, ())
+        for mode, mode_vectors in vectors.items():
+            scores = mode_vectors @ vector
+            top = np.argsort(-scores)[:k]
+            hit = np.mean([truth_labels[i] in relevant for i in top]) if relevant else float("nan")
+            parts.append(f"<h2>{html.escape(text)} - {mode} (p@{k} {hit:.1f}; relevant: "
+                         f"{html.escape(', '.join(relevant))})</h2><div class='grid'>")
+            parts.extend(_figure(image_paths[i], f"{rank}. {html.escape(ids[i])}<br>{scores[i]:.3f}")
+                         for rank, i in enumerate(top, 1))
+            parts.append("</div>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    return path
