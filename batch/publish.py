@@ -54,7 +54,7 @@ def publish(staging: Path, root: Path, manifest: dict) -> Path:
     link = root / f".{artifact.CURRENT}-{version}"
     os.symlink(version, link)
     os.replace(link, root / artifact.CURRENT)
-    _fsync(root)
+    artifact.fsync(root)
     log.info("published %s", final)
     _prune(root, keep=KEEP_VERSIONS)
     return final
@@ -81,16 +81,8 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _fsync_tree(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
-            _fsync(path)
-    _fsync(directory)
+            artifact.fsync(path)
+    artifact.fsync(directory)

@@ -13,6 +13,7 @@ Layout of one version (`ARTIFACTS/<version>/`, with `ARTIFACTS/current` pointing
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -49,3 +50,12 @@ def read_manifest(version_dir: Path) -> dict:
             f"{version_dir}: artifact format {manifest.get('format_version')} is not {FORMAT_VERSION}; rerun batch-train"
         )
     return manifest
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename or a new file in it), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
 
 from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import security

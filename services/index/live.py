@@ -25,6 +25,7 @@ from typing import Collection
 
 import numpy as np
 
+from services.common import artifact
 from services.index.core import Hit, InvalidQuery, Item, UnknownId, check_k, check_min_score, merge, shard_of, unit_query
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,6 @@ class Entry:
     space: str = ""  # the word space the vector lives in: "<word-vector source>:<dimension>"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LiveLog:
     """The log and the stored image bytes of one artifact root; writes are durable when they return."""
 
@@ -82,7 +75,7 @@ class LiveLog:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, target)
-            _fsync_dir(target.parent)
+            artifact.fsync(target.parent)
         return name
 
     def append(self, entries: list[Entry]) -> None:
@@ -101,7 +94,7 @@ class LiveLog:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         if created:
-            _fsync_dir(self.directory)
+            artifact.fsync(self.directory)
 
     def read(self, offset: int = 0) -> tuple[list[Entry], int]:
         """Complete lines from byte `offset`: (entries, offset after the last complete line).
