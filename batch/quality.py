@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from services.encoder.head import Head
-from services.encoder.modes import MODES, Modes, ModeParams, class_vectors, imagenet_names, phrase_vector
+from services.encoder.modes import MODES, Modes, ModeParams, class_vectors, imagenet_names
+from services.encoder.query import Term, embed
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,23 @@ class Extras:
     held_out: list[str]
 
 
-def label_matrix(labels: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
-    return np.stack([phrase_vector(label.replace("_", " "), rows, vectors) for label in labels])
+def label_matrix(labels: list[str], rows: dict[str, int], vectors: np.ndarray,
+                 source: str = "the vocabulary") -> np.ndarray:
+    """Each label's unit vector: its word's, or the mean of its words' (`golden_retriever`).
+
+    ValueError naming every label with a word that has no vector.
+    """
+    found, missing = [], []
+    for label in labels:
+        parts = [p for p in re.split(r"[_\s\-]+", label.lower()) if p]
+        if not parts or any(part not in rows for part in parts):
+            missing.append(label)
+            continue
+        found.append(embed([Term(part, 1.0) for part in parts], rows, vectors))
+    if missing:
+        raise ValueError(f"labels without a word vector in {source}: {', '.join(missing)} "
+                         "(rename those folders to words of the vocabulary)")
+    return np.stack(found)
 
 
 def hits(scores: np.ndarray, truth: np.ndarray, ks=(1, 2, 5)) -> dict[str, float]:

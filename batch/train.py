@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,7 +26,6 @@ from batch.train_head import HeadConfig, split, train_head
 from services.common import artifact
 from services.encoder import word_vectors
 from services.encoder.modes import FILE as MODES_FILE, Modes
-from services.encoder.query import Term, embed
 from services.index import live
 
 log = logging.getLogger(__name__)
@@ -54,24 +52,6 @@ class Options:
     shards: int = 1
     quality: bool = True  # train the softmax baseline and zero-shot head; choose mode parameters on validation
     held_out: tuple[str, ...] | None = None  # labels left out of the zero-shot head (default: cat, truck)
-
-
-def label_vectors(labels: list[str], words: word_vectors.WordVectors) -> np.ndarray:
-    """Each label's unit vector: its word's, or the mean of its words' (`golden_retriever`)."""
-    rows = words.index()
-    vectors, missing = [], []
-    for label in labels:
-        parts = [p for p in re.split(r"[_\s\-]+", label.lower()) if p]
-        if not parts or any(part not in rows for part in parts):
-            missing.append(label)
-            continue
-        vectors.append(embed([Term(part, 1.0) for part in parts], rows, words.vectors))
-    if missing:
-        raise ValueError(
-            f"labels without a word vector in {words.source}: {', '.join(missing)} "
-            "(rename those folders to words of the vocabulary)"
-        )
-    return np.stack(vectors)
 
 
 def limit(records: list[ImageRecord], per_label: int) -> list[ImageRecord]:
@@ -138,7 +118,8 @@ def run(options: Options) -> Path:
 
     words = word_vectors.load(options.word_vectors)
     labels = sorted({r.label for r in train_records})
-    targets = label_vectors(labels, words)
+    rows = words.index()
+    targets = quality.label_matrix(labels, rows, words.vectors, words.source)
     log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
 
     onnx_path = backbone_onnx(options)
@@ -161,7 +142,6 @@ def run(options: Options) -> Path:
     val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
         if len(val_rows) else 0.0
     quality_started = time.perf_counter()
-    rows = words.index()
     modes = Modes.build(onnx_path, rows, words.vectors, trained.head, targets)
     extras, mode_params, quality_report = None, modes.params.to_dict(), {}
     if options.quality and len(labels) >= 3 and len(val_rows):

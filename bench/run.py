@@ -21,7 +21,8 @@ from bench import capacity, extraction, head, knn, serving
 from batch import backbones
 from batch.extract import extract
 from batch.images import labelled, list_images
-from batch.train import SHARED_CIFAR, label_vectors
+from batch.quality import label_matrix
+from batch.train import SHARED_CIFAR
 from services.common import artifact
 from services.encoder import word_vectors
 
@@ -56,7 +57,7 @@ def run(args) -> dict:
     names = sorted({r.label for r in records})
     words = word_vectors.load()
     y = np.asarray([names.index(r.label) for r in records])
-    results["head"] = head.bench(x, y, label_vectors(names, words),
+    results["head"] = head.bench(x, y, label_matrix(names, words.index(), words.vectors, words.source),
                                  [Path(r.path).read_bytes() for r in sample[:64]], onnx_path)
 
     log.info("3/5 k-NN: GloVe words and image embeddings")

@@ -24,6 +24,7 @@ from services.gateway import cli
 from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.index import server as index_server
+from tests.conftest import Addresses
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
 
@@ -76,15 +77,8 @@ def pki(tmp_path_factory) -> Pki:
                other[0], issue(directory, other, "intruder", 4))
 
 
-@dataclass(frozen=True)
-class Stack:
-    gateway: str
-    encoder: str
-    index: str
-
-
 @pytest.fixture(scope="module")
-def stack(artifact_root, pki) -> Stack:
+def stack(artifact_root, pki) -> Addresses:
     """Encoder and index require mutual TLS; the gateway speaks TLS, presents its client certificate
     downstream and requires a bearer token."""
     mutual = ServerTls.from_files(*pki.server, client_ca=pki.ca)
@@ -94,7 +88,7 @@ def stack(artifact_root, pki) -> Stack:
                                       tls=ServerTls.from_files(*pki.server),
                                       downstream_tls=pki.trusting(client=pki.client),
                                       tokens=[TOKEN, ROTATED_TOKEN]) as (_, port):
-        running = Stack(f"127.0.0.1:{port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}")
+        running = Addresses(f"127.0.0.1:{port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}")
         wait_serving(running.index, tls=pki.trusting(client=pki.client))
         wait_serving(running.encoder, tls=pki.trusting(client=pki.client))
         wait_serving(running.gateway, tls=pki.trusting())

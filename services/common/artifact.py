@@ -5,9 +5,13 @@ Layout of one version (`ARTIFACTS/<version>/`, with `ARTIFACTS/current` pointing
     manifest.json            versions, dimensions, counts, sha256 of every file
     backbone.onnx            ImageNet backbone: pixels -> (features, logits)
     head.npz                 the trained DeViSE head (BatchNorm folded in)
+    modes.npz                the ImageNet classifier and class-name vectors of the conse/hybrid modes
+    baselines/               the softmax baseline and the zero-shot head (the quality report's)
     indexes/<name>/          vectors.npy, items.jsonl, scann/ (serialized searcher)
-    report.json              training summary and validation figures
+    report.json, report.md   training summary and the quality report on the validation split
     unreadable.txt           images that could not be read, with the reason
+
+Beside the versions, `ARTIFACTS/live/` holds the live-update log (services/index/live.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ INDEXES = "indexes"
 REPORT = "report.json"
 UNREADABLE = "unreadable.txt"
 CURRENT = "current"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: modes.npz (the encoder modes) is part of every artifact
 
 
 class ArtifactError(FileNotFoundError):

@@ -10,7 +10,7 @@ import numpy as np
 from services.common import artifact
 from services.encoder import query
 from services.encoder.image_encoder import ImageEncoder
-from services.encoder.modes import FILE as MODES_FILE, MODES, ModeParams, Modes, phrase_vector
+from services.encoder.modes import FILE as MODES_FILE, MODES, ModeParams, Modes
 from services.encoder.word_vectors import WordVectors
 from services.index.core import read_items
 
@@ -31,13 +31,8 @@ class EncoderCore:
             self.directory / artifact.HEAD,
             threads=threads,
         )
-        params = ModeParams.from_dict(self.manifest.get("modes"))
-        if (self.directory / MODES_FILE).is_file():
-            self.modes = Modes.load(self.directory / MODES_FILE, self.images.head, params)
-        else:  # an artifact from before modes existed: devise by default, conse built here
-            labels = [phrase_vector(label, self.rows, self.word_vectors) for label in self.manifest["labels"]]
-            self.modes = Modes.build(self.directory / artifact.BACKBONE, self.rows, self.word_vectors,
-                                     self.images.head, np.stack([v for v in labels if v is not None]), params)
+        self.modes = Modes.load(self.directory / MODES_FILE, self.images.head,
+                                ModeParams.from_dict(self.manifest.get("modes")))
         log.info("encoder loaded %s: %d words, dimension %d", self.version, len(self.words), self.dimension)
 
     @property
@@ -69,23 +64,6 @@ class EncoderCore:
         """
         mode = self.modes.check(mode)
         return self.modes.embed(self.images.features(images), mode)
-
-    def label_scores(self, vectors: np.ndarray, labels: list[str] | None = None,
-                     calibrated: bool = True) -> tuple[list[str], np.ndarray]:
-        """Scores (N, L) of image vectors against candidate labels (default: the trained labels).
-
-        With `calibrated`, the artifact's gamma is subtracted from labels the head was trained on
-        (calibrated stacking), so labels it never saw are not crowded out.
-        """
-        labels = list(labels or self.manifest["labels"])
-        found = [phrase_vector(label, self.rows, self.word_vectors) for label in labels]
-        unknown = [label for label, vector in zip(labels, found) if vector is None]
-        if unknown:
-            raise query.UnknownWordsError(unknown)
-        trained = {label.lower() for label in self.manifest["labels"]}
-        label_vectors = np.stack(found)
-        mask = np.asarray([label.lower() in trained for label in labels])
-        return labels, self.modes.label_scores(vectors, label_vectors, mask, None if calibrated else 0.0)
 
     def info(self) -> dict:
         return {
