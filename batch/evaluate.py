@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch import quality
+from batch import evaluate_open, open_vocab, quality
 from batch.extract import extract
 from batch.images import labelled, list_images
 from batch.train_head import HeadConfig, split
@@ -66,14 +66,19 @@ def _extras(encoder: EncoderCore, cache: Path, held_out: list[str] | None) -> tu
     extras = quality.train_extras(features, label_ids, labels, targets, train_rows, val_rows, config,
                                   cache / "ray-train", wanted)
     zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, wanted)
-    modes, _ = quality.choose(encoder.modes, features[val_rows], label_ids[val_rows], labels, encoder.words,
-                              encoder.rows, encoder.word_vectors, extras, features[zs_rows], label_ids[zs_rows])
-    return extras, modes
+    chosen, _ = quality.choose(encoder.modes, features[val_rows], label_ids[val_rows], labels, encoder.words,
+                               encoder.rows, encoder.word_vectors, extras, features[zs_rows], label_ids[zs_rows])
+    # only the zero-shot parameters change with the held-out labels; the artifact's modes stay as chosen
+    zero_shot = chosen.params.chosen_on["zero_shot"]
+    return extras, encoder.modes.with_params(gamma=chosen.params.gamma,
+                                             chosen_on={**encoder.modes.params.chosen_on, "zero_shot": zero_shot})
 
 
 def evaluate(artifacts: str | Path, data: str | Path, cache: str | Path = ".cache",
-             held_out: list[str] | None = None, out: str | Path | None = None) -> dict:
-    """The quality report (batch/quality.py) of the artifact on the labelled images of `data`."""
+             held_out: list[str] | None = None, out: str | Path | None = None,
+             open_data: str | Path | None = None, real_zero_shot: bool = True) -> dict:
+    """The quality report (batch/quality.py) of the artifact on the labelled images of `data`, and with
+    `open_data` the open-vocabulary figures on its real photos (batch/evaluate_open.py)."""
     started = time.perf_counter()
     cache = Path(cache)
     encoder = EncoderCore(artifacts)
@@ -107,8 +112,26 @@ def evaluate(artifacts: str | Path, data: str | Path, cache: str | Path = ".cach
                             [records[i].id for i in keep], [truths[i] for i in keep], encoder.rows,
                             encoder.word_vectors, queries, title=f"head trained without {', '.join(extras.held_out)}")
             result["gallery_zero_shot"] = str(out / "gallery-zero-shot.html")
+    if open_data:
+        result["open_vocabulary"] = _open(encoder, modes, open_data, cache, out, real_zero_shot)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _open(encoder: EncoderCore, modes, open_data: str | Path, cache: Path, out: Path | None,
+          real_zero_shot: bool) -> dict:
+    photos = evaluate_open.photos_of(open_data, lambda records: _features(records, encoder, cache))
+    if photos is None:
+        raise ValueError(f"{open_data}: no readable labelled photos")
+    block = evaluate_open.open_vocabulary(modes, photos, encoder.rows, encoder.word_vectors)
+    block["data"] = str(open_data)
+    if real_zero_shot:
+        config = HeadConfig(**{k: v for k, v in encoder.manifest["head"].items() if k in HeadConfig.__dataclass_fields__})
+        block["real_zero_shot"] = evaluate_open.real_zero_shot(modes, photos, encoder.rows, encoder.word_vectors,
+                                                               config, cache / "ray-train")
+    if out:
+        block["gallery"] = evaluate_open.galleries(Path(out), modes, photos, encoder.rows, encoder.word_vectors)
+    return block
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for eval.json, eval.md and gallery.html "
                                                     "(default: CACHE/eval)")
     parser.add_argument("--json", default=None, help="write the JSON report here too")
+    parser.add_argument("--open-data", default=os.environ.get("OPEN_DATA") or open_vocab.default_folder(),
+                        help="labelled real photos for the open-vocabulary figures (default: ../shared/data/imagenet200 "
+                             "if present; 'none' to skip)")
+    parser.add_argument("--no-real-zero-shot", action="store_true",
+                        help="skip training a head on the open folder's validation half")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
@@ -132,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(args.cache) / "eval")
     try:
         held_out = [x.strip() for x in args.held_out.split(",") if x.strip()] if args.held_out else None
-        result = evaluate(args.artifacts, args.data, args.cache, held_out, out)
+        open_data = None if args.open_data in (None, "", "none") else args.open_data
+        result = evaluate(args.artifacts, args.data, args.cache, held_out, out, open_data, not args.no_real_zero_shot)
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2
@@ -141,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     (out / "eval.json").write_text(text)
     table = quality.markdown(result)
+    if "open_vocabulary" in result:
+        block = result["open_vocabulary"]
+        table += evaluate_open.markdown(block, block.get("real_zero_shot"))
     (out / "eval.md").write_text(table)
     if args.json:
         Path(args.json).write_text(text)
     print(table)
-    print(f"JSON: {out / 'eval.json'}; table: {out / 'eval.md'}; galleries: {result.get('gallery')}, "
-          f"{result.get('gallery_zero_shot')}")
+    galleries = [result.get("gallery"), result.get("gallery_zero_shot"),
+                 result.get("open_vocabulary", {}).get("gallery")]
+    print(f"JSON: {out / 'eval.json'}; table: {out / 'eval.md'}; galleries: {', '.join(g for g in galleries if g)}")
     return 0
 
 

@@ -21,11 +21,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from batch.class_table import PLAIN, Enrichment
+from batch.open_vocab import OpenSet, retrieval
 from services.encoder.head import Head
-from services.encoder.modes import MODES, Modes, ModeParams, class_vectors, imagenet_names
+from services.encoder.modes import MODES, Modes
 from services.encoder.query import Term, embed
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,11 @@ BETAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 GAMMAS = tuple(round(g, 3) for g in np.arange(0, 0.4, 0.005))
 TOLERANCE = 0.005  # hybrid may lose at most this much of devise's validation tag hit@1
 SEEN_KEEP = 0.85  # zero-shot calibration keeps at least this share of devise's seen-photo hit@1
+# ConSE's class vectors: WordNet synonyms and hypernyms at these weights (batch/class_table.py)
+ENRICHMENTS = tuple(Enrichment(s, h, d) for s in (0.0, 0.5, 1.0) for h in (0.0, 0.5, 0.75, 1.0)
+                    for d in (0.3, 0.6) if h > 0 or d == 0.3)
+GATE_CENTERS = (-1.0, -2.0, -3.0, -4.0, -5.0, -6.0)  # gated: z of half head, half ConSE
+GATE_WIDTHS = (0.5, 1.0, 2.0)
 
 # Concept benchmark: query words that are not labels -> the labels whose photos are relevant.
 CONCEPTS: dict[str, tuple[str, ...]] = {
@@ -52,6 +60,7 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
 }
 EXAMPLES = ("dog", "ocean", "cat sofa", "cat+sofa-dog", "kitten", "lorry")
 GALLERY_QUERIES = ("kitten", "ocean", "lorry", "antlers")
+OPEN_GALLERY_QUERIES = ("ocean", "street", "cat sofa", "kitten", "vehicle")  # on real photos
 
 
 @dataclass
@@ -143,10 +152,6 @@ def train_extras(features: np.ndarray, label_ids: np.ndarray, labels: list[str],
     return Extras(softmax.head, zero_shot.head, list(held_out))
 
 
-def _harmonic(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
-
 def zero_shot_scores(modes: Modes, features: np.ndarray, label_vectors: np.ndarray, seen: np.ndarray,
                      mode: str, beta: float, gamma: float) -> np.ndarray:
     vectors = modes.embed(features, mode, beta=beta)
@@ -170,79 +175,179 @@ def zero_shot_rows(label_ids: np.ndarray, val_rows: np.ndarray, labels: list[str
 
 def choose(modes: Modes, features: np.ndarray, truth: np.ndarray, labels: list[str], words: list[str],
            rows: dict[str, int], word_vectors: np.ndarray, extras: Extras | None,
-           zero_shot_features: np.ndarray | None = None, zero_shot_truth: np.ndarray | None = None
+           zero_shot_features: np.ndarray | None = None, zero_shot_truth: np.ndarray | None = None,
+           open_set: OpenSet | None = None, make_table: Callable[[Enrichment], np.ndarray] | None = None
            ) -> tuple[Modes, dict]:
-    """Mode parameters from validation figures (features/truth: the training folder's validation split).
+    """Mode parameters from validation figures, never from a test split.
 
-    - ConSE's class names (clean or WordNet synonyms) and T: best conse flat hit@1.
-    - hybrid beta for the artifact: the largest whose tag hit@1 stays within TOLERANCE of devise's
-      (its flat hit@k equal devise's by construction); the default mode is hybrid when beta > 0 and
-      its concept-benchmark precision@10 is at least devise's, else devise.
-    - zero-shot beta and gamma (calibrated stacking), with the head trained without the held-out
-      labels, on `zero_shot_features` (see zero_shot_rows): the best unseen-photo hit@1 among all
-      labels that keeps seen-photo hit@1 >= SEEN_KEEP x devise's.
+    `features`/`truth`: the training folder's validation split (trained labels). `open_set`: real
+    photos of the validation half of an open-vocabulary folder (words never trained on), if any.
+
+    - ConSE's class vectors (WordNet enrichment, `make_table`) and T: best open-vocabulary mAP
+      (without an open set: best flat hit@1 on the trained labels).
+    - hybrid beta: the largest whose tag hit@1 stays within TOLERANCE of devise's.
+    - the gate's center and width: best open-vocabulary mAP of `gated` among those keeping flat and
+      tag hit@1 within TOLERANCE of devise's.
+    - the default mode: best open-vocabulary mAP among the modes that keep flat and tag hit@1 within
+      TOLERANCE of devise's (without an open set: hybrid if beta > 0 and its concept precision is
+      at least devise's, else devise).
+    - zero-shot beta and gamma: see _choose_zero_shot.
     """
     label_vectors = label_matrix(labels, rows, word_vectors)
-    figures: dict = {"images": int(len(truth))}
-    best = None
-    for names in ("clean", "synonyms"):
-        candidate = modes.with_table(class_vectors(imagenet_names(names), rows, word_vectors))
-        for top in TOPS:
-            hit1 = hits(candidate.conse(features, top) @ label_vectors.T, truth, (1,))["hit1"]
-            figures[f"conse_{names}_T{top}_hit1"] = hit1
-            if best is None or hit1 > best[0]:
-                best = (hit1, names, top, candidate)
-    _, names, top, modes = best
-    modes = modes.with_params(top=top)
-    figures["conse_names"], figures["conse_top"] = names, top
-
-    devise = modes.head(features)
-    conse = modes.conse(features)
-    truth_words = [labels[t].lower() for t in truth]
-    devise_tag = tag_hits(devise, truth_words, words, word_vectors, (1,))["tag_hit1"]
-    beta, tag, tags = 0.0, devise_tag, {}
-    for candidate in BETAS[1:]:
-        tags[candidate] = tag_hits(modes.hybrid(devise, conse, candidate), truth_words, words, word_vectors,
-                                   (1,))["tag_hit1"]
-        if tags[candidate] < devise_tag - TOLERANCE:
-            break
-        beta, tag = candidate, tags[candidate]
-    concepts = concept_benchmark({"devise": devise, "hybrid": modes.hybrid(devise, conse, beta)},
-                                 [labels[t] for t in truth], rows, word_vectors)["mean"]
-    figures.update(devise_flat_hit1=hits(devise @ label_vectors.T, truth, (1,))["hit1"], devise_tag_hit1=devise_tag,
-                   hybrid_beta=beta, hybrid_tag_hit1=tag, hybrid_tag_hit1_by_beta={str(b): t for b, t in tags.items()},
-                   devise_concepts_p10=concepts["devise"], hybrid_concepts_p10=concepts["hybrid"])
-    default = "hybrid" if beta > 0 and concepts["hybrid"] >= concepts["devise"] else "devise"
-
-    gamma, zero_shot = 0.0, {}
+    trained = _TrainedLabels(features, truth, [labels[t].lower() for t in truth], label_vectors, words, word_vectors)
+    figures: dict = {"images": int(len(truth)), "open_vocabulary": _describe(open_set)}
+    modes = _choose_conse(modes, trained, open_set, make_table, rows, figures)
+    modes = _choose_beta(modes, trained, figures)
+    modes = _choose_gate(modes, trained, open_set, rows, figures)
+    default = _choose_default(modes, trained, open_set, labels, rows, figures)
+    zero_shot, gamma = {}, 0.0
     if extras is not None:
         if zero_shot_features is None:
             zero_shot_features, zero_shot_truth = features, truth
-        seen = np.asarray([label not in extras.held_out for label in labels])
-        zs = modes.with_head(extras.zero_shot, label_vectors[seen])
-        zs_devise, zs_conse = zs.head(zero_shot_features), zs.conse(zero_shot_features)
-        floor = SEEN_KEEP * _split_hit1(zs_devise @ label_vectors.T, zero_shot_truth, seen)[1]
-        best = (-1.0, 0.0, 0.0, 0.0, 0.0)
-        for b in BETAS:
-            base = zs.hybrid(zs_devise, zs_conse, b) @ label_vectors.T
-            for g in GAMMAS:
-                unseen_hit, seen_hit = _split_hit1(base - g * seen[None, :], zero_shot_truth, seen)
-                if seen_hit >= floor and unseen_hit > best[0] + 1e-9:
-                    best = (unseen_hit, b, g, unseen_hit, seen_hit)
-        _, zs_beta, gamma, unseen_hit, seen_hit = best
-        zero_shot = {"held_out": extras.held_out, "beta": zs_beta, "gamma": gamma, "images": int(len(zero_shot_truth)),
-                     "unseen_images": int((~seen[zero_shot_truth]).sum()),
-                     "validation_unseen_hit1": unseen_hit, "validation_seen_hit1": seen_hit, "seen_floor": floor,
-                     "rule": f"best unseen hit@1 among all labels keeping seen hit@1 >= {SEEN_KEEP} x devise's"}
-    params = ModeParams(default=default, top=top, beta=beta, gamma=gamma,
-                        chosen_on={"split": "validation split of the training folder", **figures,
-                                   "zero_shot": zero_shot})
-    return modes.with_params(**params.__dict__), params.to_dict()
+        zero_shot = _choose_zero_shot(modes, extras, labels, label_vectors, zero_shot_features, zero_shot_truth)
+        gamma = zero_shot["gamma"]
+    chosen_on = {"split": "validation split of the training folder", **figures, "zero_shot": zero_shot}
+    modes = modes.with_params(default=default, gamma=gamma, chosen_on=chosen_on)
+    return modes, modes.params.to_dict()
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+@dataclass
+class _TrainedLabels:
+    """The training folder's validation photos and what the trained-label figures need."""
+
+    features: np.ndarray
+    truth: np.ndarray
+    truth_words: list[str]
+    label_vectors: np.ndarray
+    words: list[str]
+    word_vectors: np.ndarray
+
+    def figures(self, vectors: np.ndarray) -> tuple[float, float]:
+        """(flat hit@1 over the labels, tag hit@1 over the whole vocabulary)."""
+        flat = hits(vectors @ self.label_vectors.T, self.truth, (1,))["hit1"]
+        return flat, tag_hits(vectors, self.truth_words, self.words, self.word_vectors, (1,))["tag_hit1"]
+
+    def keeps(self, vectors: np.ndarray, devise: tuple[float, float]) -> bool:
+        flat, tag = self.figures(vectors)
+        return flat >= devise[0] - TOLERANCE and tag >= devise[1] - TOLERANCE
+
+
+def _describe(open_set: OpenSet | None) -> dict:
+    if open_set is None:
+        return {}
+    return {"photos": int(len(open_set.truth)), "categories": sorted(set(open_set.truth.tolist())),
+            "split": "validation half of the open-vocabulary folder's categories (batch/open_vocab.py)"}
+
+
+def _open_map(vectors: np.ndarray, open_set: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> float:
+    return retrieval(vectors, open_set.truth, sorted(set(open_set.truth.tolist())), rows, word_vectors)["map"]
+
+
+def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None,
+                  make_table: Callable[[Enrichment], np.ndarray] | None, rows: dict[str, int], figures: dict) -> Modes:
+    """ConSE's class vectors and T."""
+    candidates = (ENRICHMENTS if open_set is not None else (PLAIN, Enrichment())) if make_table else (None,)
+    best, scores = None, {}
+    for enrichment in candidates:
+        candidate = modes.with_table(make_table(enrichment)) if enrichment is not None else modes
+        for top in TOPS:
+            if open_set is not None:
+                score = _open_map(candidate.conse(open_set.features, top), open_set, rows, trained.word_vectors)
+            else:
+                score = hits(candidate.conse(trained.features, top) @ trained.label_vectors.T, trained.truth, (1,))["hit1"]
+            scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top}"] = score
+            if best is None or score > best[0] + 1e-9:
+                best = (score, enrichment, top, candidate)
+    score, enrichment, top, modes = best
+    figures["conse"] = {"rule": "best open-vocabulary mAP" if open_set is not None else "best flat hit@1",
+                        "enrichment": enrichment.to_dict() if enrichment else None, "top": top, "score": score,
+                        "scores": scores}
+    return modes.with_params(top=top)
+
+
+def _choose_beta(modes: Modes, trained: _TrainedLabels, figures: dict) -> Modes:
+    """hybrid's beta: the largest whose tag hit@1 stays within TOLERANCE of devise's."""
+    devise, conse = modes.head(trained.features), modes.conse(trained.features)
+    devise_flat, devise_tag = trained.figures(devise)
+    beta, tags = 0.0, {}
+    for candidate in BETAS[1:]:
+        tags[str(candidate)] = trained.figures(modes.hybrid(devise, conse, candidate))[1]
+        if tags[str(candidate)] < devise_tag - TOLERANCE:
+            break
+        beta = candidate
+    figures.update(devise_flat_hit1=devise_flat, devise_tag_hit1=devise_tag, hybrid_beta=beta,
+                   hybrid_tag_hit1_by_beta=tags)
+    return modes.with_params(beta=beta)
+
+
+def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None, rows: dict[str, int],
+                 figures: dict) -> Modes:
+    """gated's center and width: best open-vocabulary mAP that keeps the trained labels' figures."""
+    if open_set is None or modes.familiarity is None:
+        figures["gate"] = {"rule": "defaults (no open-vocabulary validation photos)"}
+        return modes
+    devise = (figures["devise_flat_hit1"], figures["devise_tag_hit1"])
+    parts = [(f, modes.embed(f, "hybrid"), modes.conse(f)) for f in (trained.features, open_set.features)]
+    best, scores = None, {}
+    for center in GATE_CENTERS:
+        for width in GATE_WIDTHS:
+            (tf, th, tc), (of, oh, oc) = parts
+            keeps = trained.keeps(modes.gated(tf, th, tc, center, width), devise)
+            score = _open_map(modes.gated(of, oh, oc, center, width), open_set, rows, trained.word_vectors)
+            scores[f"{center}/{width}"] = {"open_map": score, "keeps_trained_labels": keeps}
+            if keeps and (best is None or score > best[0] + 1e-9):
+                best = (score, center, width)
+    figures["gate"] = {"rule": f"best open-vocabulary mAP keeping flat and tag hit@1 within {TOLERANCE} of devise's",
+                       "scores": scores}
+    if best is None:
+        return modes
+    figures["gate"].update(center=best[1], width=best[2], open_map=best[0])
+    return modes.with_params(gate_center=best[1], gate_width=best[2])
+
+
+def _choose_default(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None, labels: list[str],
+                    rows: dict[str, int], figures: dict) -> str:
+    devise = (figures["devise_flat_hit1"], figures["devise_tag_hit1"])
+    if open_set is None:
+        vectors = {mode: modes.embed(trained.features, mode) for mode in ("devise", "hybrid")}
+        concepts = concept_benchmark(vectors, [labels[t] for t in trained.truth], rows, trained.word_vectors)["mean"]
+        figures.update(devise_concepts_p10=concepts["devise"], hybrid_concepts_p10=concepts["hybrid"],
+                       default_rule="hybrid if beta > 0 and its concept precision@10 >= devise's, else devise")
+        return "hybrid" if modes.params.beta > 0 and concepts["hybrid"] >= concepts["devise"] else "devise"
+    candidates = {}
+    for mode in MODES:
+        if mode == "gated" and modes.familiarity is None:
+            continue
+        keeps = trained.keeps(modes.embed(trained.features, mode), devise)
+        candidates[mode] = {"open_map": _open_map(modes.embed(open_set.features, mode), open_set, rows,
+                                                  trained.word_vectors), "keeps_trained_labels": keeps}
+    figures.update(modes=candidates, default_rule="best open-vocabulary mAP among the modes keeping flat and tag "
+                                                  f"hit@1 within {TOLERANCE} of devise's")
+    return max((mode for mode, c in candidates.items() if c["keeps_trained_labels"]),
+               key=lambda mode: candidates[mode]["open_map"])
+
+
+def _choose_zero_shot(modes: Modes, extras: Extras, labels: list[str], label_vectors: np.ndarray,
+                      features: np.ndarray, truth: np.ndarray) -> dict:
+    """With the head trained without the held-out labels, on `features` (see zero_shot_rows): the hybrid
+    beta and calibration gamma with the best unseen-photo hit@1 among all labels that keep seen-photo
+    hit@1 >= SEEN_KEEP x devise's."""
+    seen = np.asarray([label not in extras.held_out for label in labels])
+    zs = modes.with_head(extras.zero_shot, label_vectors[seen])
+    zs_devise, zs_conse = zs.head(features), zs.conse(features)
+    floor = SEEN_KEEP * _split_hit1(zs_devise @ label_vectors.T, truth, seen)[1]
+    best = (-1.0, 0.0, 0.0, 0.0, 0.0)
+    for b in BETAS:
+        base = zs.hybrid(zs_devise, zs_conse, b) @ label_vectors.T
+        for g in GAMMAS:
+            unseen_hit, seen_hit = _split_hit1(base - g * seen[None, :], truth, seen)
+            if seen_hit >= floor and unseen_hit > best[0] + 1e-9:
+                best = (unseen_hit, b, g, unseen_hit, seen_hit)
+    _, beta, gamma, unseen_hit, seen_hit = best
+    return {"held_out": extras.held_out, "beta": beta, "gamma": gamma, "images": int(len(truth)),
+            "unseen_images": int((~seen[truth]).sum()), "validation_unseen_hit1": unseen_hit,
+            "validation_seen_hit1": seen_hit, "seen_floor": floor,
+            "rule": f"best unseen hit@1 among all labels keeping seen hit@1 >= {SEEN_KEEP} x devise's"}
 
 
 def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: list[str], words: list[str],
@@ -375,24 +480,24 @@ def markdown(result: dict) -> str:
 
 def gallery(path: Path, vectors: dict[str, np.ndarray], image_paths: list[str], ids: list[str],
             truth_labels: list[str], rows: dict[str, int], word_vectors: np.ndarray,
-            queries=GALLERY_QUERIES, k: int = 10, title: str = "") -> Path:
+            queries=GALLERY_QUERIES, k: int = 10, title: str = "", relevance: bool = True) -> Path:
     """One HTML page: for each concept query, the top k photos of each mode side by side."""
     from services.gateway.gallery import _STYLE, _figure
 
-    heading = "Concept queries: devise, conse, hybrid" + (f" ({title})" if title else "")
+    heading = "Concept queries: " + ", ".join(vectors) + (f" ({title})" if title else "")
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(heading)}</title>",
              f"<style>{_STYLE}</style><h1>{html.escape(heading)}</h1>"]
     for text in queries:
-        if text not in rows:
+        vector = _query(text, rows, word_vectors)
+        if vector is None:
             continue
-        vector = word_vectors[rows[text]]
-        relevant = CONCEPTS.get(text, ())
+        relevant = CONCEPTS.get(text, ()) if relevance else ()
         for mode, mode_vectors in vectors.items():
             scores = mode_vectors @ vector
             top = np.argsort(-scores)[:k]
-            hit = np.mean([truth_labels[i] in relevant for i in top]) if relevant else float("nan")
-            parts.append(f"<h2>{html.escape(text)} - {mode} (p@{k} {hit:.1f}; relevant: "
-                         f"{html.escape(', '.join(relevant))})</h2><div class='grid'>")
+            figure = (f"p@{k} {np.mean([truth_labels[i] in relevant for i in top]):.1f}; relevant: "
+                      f"{html.escape(', '.join(relevant))}" if relevant else f"top {k}")
+            parts.append(f"<h2>{html.escape(text)} - {mode} ({figure})</h2><div class='grid'>")
             parts.extend(_figure(image_paths[i], f"{rank}. {html.escape(ids[i])}<br>{scores[i]:.3f}")
                          for rank, i in enumerate(top, 1))
             parts.append("</div>")

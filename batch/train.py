@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from batch import backbones, quality
+from batch import backbones, open_vocab, quality, wordnet
+from batch.class_table import Enrichment, class_table
 from batch.build_index import build_indexes
 from batch.extract import extract
 from batch.images import ImageRecord, labelled, list_images
@@ -25,7 +26,7 @@ from batch.publish import new_staging, publish
 from batch.train_head import HeadConfig, split, train_head
 from services.common import artifact
 from services.encoder import word_vectors
-from services.encoder.modes import FILE as MODES_FILE, Modes
+from services.encoder.modes import FILE as MODES_FILE, Familiarity, Modes
 from services.index import live
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Options:
     threads_per_actor: int = 1
     shards: int = 1
     quality: bool = True  # train the softmax baseline and zero-shot head; choose mode parameters on validation
+    open_data: Path | None = None  # labelled real photos whose validation half validates open vocabulary
+    wordnet_path: Path = wordnet.default_path()
     held_out: tuple[str, ...] | None = None  # labels left out of the zero-shot head (default: cat, truck)
 
 
@@ -123,7 +126,8 @@ def run(options: Options) -> Path:
     log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
 
     onnx_path = backbone_onnx(options)
-    all_records = list({r.path: r for r in train_records + index_records}.values())
+    open_records = open_vocab.records(options.open_data, "validation") if options.open_data else []
+    all_records = list({r.path: r for r in train_records + index_records + open_records}.values())
     actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads_per_actor)
     extraction = extract(all_records, options.backbone, onnx_path, spec.preprocessing, options.cache / "features",
                          options.batch_size, actors, options.threads_per_actor)
@@ -142,7 +146,11 @@ def run(options: Options) -> Path:
     val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
         if len(val_rows) else 0.0
     quality_started = time.perf_counter()
-    modes = Modes.build(onnx_path, rows, words.vectors, trained.head, targets)
+    names = wordnet.load(options.wordnet_path)
+    familiarity = Familiarity.fit(features[train_rows], label_ids[train_rows],
+                                  features[val_rows] if len(val_rows) else features[train_rows])
+    modes = Modes.build(onnx_path, class_table(rows, words.vectors, names), trained.head, targets, familiarity)
+    open_set = open_vocab.open_set(open_records, extraction.features)
     extras, mode_params, quality_report = None, modes.params.to_dict(), {}
     if options.quality and len(labels) >= 3 and len(val_rows):
         held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
@@ -150,8 +158,10 @@ def run(options: Options) -> Path:
                                       options.cache / "ray-train", held)
     if len(val_rows):
         zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, extras.held_out) if extras else val_rows
-        modes, mode_params = quality.choose(modes, features[val_rows], label_ids[val_rows], labels, words.words,
-                                            rows, words.vectors, extras, features[zs_rows], label_ids[zs_rows])
+        modes, mode_params = quality.choose(
+            modes, features[val_rows], label_ids[val_rows], labels, words.words, rows, words.vectors, extras,
+            features[zs_rows], label_ids[zs_rows], open_set,
+            lambda enrichment: class_table(rows, words.vectors, names, enrichment))
         quality_report = quality.report(modes, features[val_rows], [train_ok[i].label for i in val_rows], labels,
                                         words.words, rows, words.vectors, extras, ids=[train_ok[i].id for i in val_rows])
     quality_seconds = time.perf_counter() - quality_started
@@ -198,7 +208,8 @@ def run(options: Options) -> Path:
             "modes": mode_params,
             "quality": {"held_out": extras.held_out if extras else [], "seed": options.head.seed,
                         "val_fraction": options.val_fraction},
-            "data": {"labelled": str(options.data), "searchable": str(options.index_data or options.data)},
+            "data": {"labelled": str(options.data), "searchable": str(options.index_data or options.data),
+                     "open_vocabulary": str(options.open_data) if options.open_data else None},
             "indexes": indexes,
         }
         version_dir = publish(staging, options.artifacts, manifest)
@@ -258,6 +269,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--shards", type=int, default=int(env("SHARDS", 1)),
                         help="write the image index as N shards, one per index process (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--open-data", default=env("OPEN_DATA") or open_vocab.default_folder(),
+                        help="labelled real photos; the validation half of their categories (batch/open_vocab.py) "
+                             "chooses the modes for words never trained on (default: ../shared/data/imagenet200 "
+                             "if present; 'none' to skip)")
+    parser.add_argument("--wordnet", default=str(wordnet.default_path()),
+                        help="WordNet 3.0 data.noun (default: $WORDNET, else .cache/wordnet/data.noun: make wordnet)")
     parser.add_argument("--held-out", default=env("HELD_OUT") or None,
                         help="comma-separated labels left out of the zero-shot head (default: cat,truck if present)")
     parser.add_argument("--no-quality", action="store_true",
@@ -272,6 +289,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         val_fraction=args.val_fraction, limit_per_label=args.limit_per_label,
         actors=args.actors, threads_per_actor=args.threads_per_actor, shards=args.shards,
         quality=not args.no_quality,
+        open_data=None if args.open_data in (None, "", "none") else Path(args.open_data),
+        wordnet_path=Path(args.wordnet),
         held_out=tuple(x.strip() for x in args.held_out.split(",") if x.strip()) if args.held_out else None,
     )
 

@@ -17,6 +17,7 @@ from services.index import server as index_server
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+REAL_PHOTOS = REPO.parent / "shared" / "data" / "imagenet200"
 TRAIN_PER_LABEL = 100
 
 
@@ -25,6 +26,13 @@ def cifar() -> Path:
     if not (CIFAR / "train").is_dir():
         pytest.fail(f"test data missing: {CIFAR} (see ../shared/data/README.md)")
     return CIFAR
+
+
+@pytest.fixture(scope="session")
+def real_photos() -> Path:
+    if not REAL_PHOTOS.is_dir():
+        pytest.fail(f"test data missing: {REAL_PHOTOS} (see ../shared/data/README.md)")
+    return REAL_PHOTOS
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +55,12 @@ def train_options(data: Path, artifacts: Path, cache: Path, **overrides) -> Opti
 
 
 @pytest.fixture(scope="session")
-def artifact_root(tmp_path_factory, ray_runtime, cache_dir, cifar) -> Path:
+def artifact_root(tmp_path_factory, ray_runtime, cache_dir, cifar, real_photos) -> Path:
     """A real artifact: EfficientNet-Lite0 + GloVe 6B 50d, head trained on 100 photos per class, with the
-    quality extras (softmax baseline, zero-shot head, modes chosen on validation) that other runs skip."""
+    quality extras (softmax baseline, zero-shot head, modes chosen on validation, with the validation
+    half of the real photos for words never trained on) that other runs skip."""
     root = tmp_path_factory.mktemp("artifacts")
-    run(train_options(cifar / "train", root, cache_dir, quality=True))
+    run(train_options(cifar / "train", root, cache_dir, quality=True, open_data=real_photos))
     return root
 
 

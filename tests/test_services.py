@@ -67,7 +67,7 @@ def test_gateway_search_is_encoder_then_index(stubs):
 def test_tag_mode_is_chosen_per_request(stubs, cifar):
     gateway, encoder, _ = stubs
     info = encoder.Info(encoder_pb2.EncoderInfoRequest())
-    assert list(info.modes) == ["devise", "conse", "hybrid"] and info.default_mode in info.modes
+    assert list(info.modes) == ["devise", "conse", "hybrid", "gated"] and info.default_mode in info.modes
     photo = (cifar / "test" / "cat" / "0001.jpg").read_bytes()
     tags = {mode: [w.word for w in gateway.Tag(gateway_pb2.TagRequest(image=photo, k=10, mode=mode)).words]
             for mode in info.modes}

@@ -5,7 +5,7 @@ Layout of one version (`ARTIFACTS/<version>/`, with `ARTIFACTS/current` pointing
     manifest.json            versions, dimensions, counts, sha256 of every file
     backbone.onnx            ImageNet backbone: pixels -> (features, logits)
     head.npz                 the trained DeViSE head (BatchNorm folded in)
-    modes.npz                the ImageNet classifier and class-name vectors of the conse/hybrid modes
+    modes.npz                the ImageNet classifier, class vectors and training centroids of the conse/hybrid/gated modes
     baselines/               the softmax baseline and the zero-shot head (the quality report's)
     indexes/<name>/          vectors.npy, items.jsonl, scann/ (serialized searcher)
     report.json, report.md   training summary and the quality report on the validation split
@@ -27,7 +27,7 @@ INDEXES = "indexes"
 REPORT = "report.json"
 UNREADABLE = "unreadable.txt"
 CURRENT = "current"
-FORMAT_VERSION = 2  # 2: modes.npz (the encoder modes) is part of every artifact
+FORMAT_VERSION = 3  # 2: modes.npz (the encoder modes) is part of every artifact; 3: with the gated mode's centroids
 
 
 class ArtifactError(FileNotFoundError):

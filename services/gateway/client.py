@@ -65,7 +65,7 @@ class Client:
         return _image_hits(self.stub.SimilarImages(request, timeout=self.timeout))
 
     def tag(self, image: bytes, k: int = 5, mode: str = "") -> list[WordHit]:
-        """The nearest words; `mode`: devise, conse or hybrid ("" for the artifact's default)."""
+        """The nearest words; `mode`: devise, conse, hybrid or gated ("" for the artifact's default)."""
         return _word_hits(self.stub.Tag(gateway_pb2.TagRequest(image=image, k=k, mode=mode), timeout=self.timeout))
 
     def words(self, word: str, k: int = 10) -> list[WordHit]:

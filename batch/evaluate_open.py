@@ -1,0 +1,100 @@
+"""make eval, open vocabulary on real photos: label queries per mode, and a head trained on real photos.
+
+- `open_vocabulary`: the artifact's head (trained on its own folder, CIFAR-10 by default), every photo
+  of the open-vocabulary folder (`../shared/data/imagenet200` by default) indexed, its category names
+  as queries; P@5 and mAP per mode for the test half, the validation half and all categories.
+- `real_zero_shot`: a head trained on the validation half's photos (their category names as labels,
+  4 photos each, the fifth for its validation), every photo indexed; P@5 and mAP for queries of the
+  test half (never trained on) and of the validation half (trained on), per mode, with the artifact's
+  mode parameters (chosen on validation by batch-train).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from batch import open_vocab, quality
+from batch.open_vocab import OpenSet, label_query, retrieval, split_labels
+from batch.train_head import HeadConfig, split, train_head
+from services.encoder.modes import MODES, Familiarity, Modes
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT_VAL_FRACTION = 0.2  # of 5 photos per category: 4 train the head, 1 validates it
+
+
+def _halves(vectors: np.ndarray, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> dict:
+    validation, test = split_labels(set(photos.truth.tolist()))
+    out = {}
+    for half, queries in (("test", test), ("validation", validation), ("all", validation + test)):
+        result = retrieval(vectors, photos.truth, queries, rows, word_vectors)
+        out[half] = {"p5": result["p5"], "map": result["map"], "queries": result["queries"],
+                     "not_asked": result["not_asked"]}
+    return out
+
+
+def open_vocabulary(modes: Modes, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> dict:
+    by_mode = {mode: _halves(modes.embed(photos.features, mode), photos, rows, word_vectors) for mode in MODES}
+    return {"photos": int(len(photos.truth)), "categories": int(len(set(photos.truth.tolist()))),
+            "modes": by_mode, "default": modes.params.default, "random_p5": 5 / len(photos.truth)}
+
+
+def real_zero_shot(modes: Modes, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
+                   config: HeadConfig, storage: Path) -> dict:
+    validation, _ = split_labels(set(photos.truth.tolist()))
+    labels = [label for label in validation if label_query(label, rows, word_vectors) is not None]
+    targets = np.stack([label_query(label, rows, word_vectors) for label in labels])
+    chosen = np.flatnonzero(np.isin(photos.truth, labels))
+    label_ids = np.asarray([labels.index(label) for label in photos.truth[chosen]])
+    train_rows, val_rows = split(label_ids, ZERO_SHOT_VAL_FRACTION, config.seed)
+    features = photos.features[chosen]
+    log.info("real-photo zero-shot: training a head on %d photos of %d categories", len(train_rows), len(labels))
+    trained = train_head(features, label_ids, targets, train_rows, val_rows, config, storage)
+    familiarity = Familiarity.fit(features[train_rows], label_ids[train_rows], features[val_rows])
+    real = modes.with_head(trained.head, targets, familiarity)
+    by_mode = {}
+    for mode in MODES:
+        halves = _halves(real.embed(photos.features, mode), photos, rows, word_vectors)
+        by_mode[mode] = {"unseen": halves["test"], "seen": halves["validation"]}
+    return {"labels": len(labels), "trained_on": int(len(train_rows)), "head_validation": int(len(val_rows)),
+            "modes": by_mode, "default": modes.params.default}
+
+
+def galleries(out: Path, modes: Modes, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> str:
+    vectors = {mode: modes.embed(photos.features, mode) for mode in MODES}
+    path = quality.gallery(out / "gallery-real-photos.html", vectors, photos.paths, photos.ids,
+                           photos.truth.tolist(), rows, word_vectors, quality.OPEN_GALLERY_QUERIES,
+                           title=f"{len(photos.truth)} real photos", relevance=False)
+    return str(path)
+
+
+def markdown(block: dict, zero_shot: dict | None) -> str:
+    f = lambda x: f"{x:.3f}"  # noqa: E731
+    lines = ["", f"Open vocabulary on {block['photos']} real photos ({block['categories']} categories; "
+                 f"head trained on the artifact's folder; category names as queries; default mode "
+                 f"{block['default']}; random P@5 {block['random_p5']:.3f}):", "",
+             "| mode | test half P@5 | test half mAP | validation half P@5 | validation half mAP | all P@5 | all mAP |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, halves in block["modes"].items():
+        name = f"{mode} (default)" if mode == block["default"] else mode
+        lines.append(f"| {name} | " + " | ".join(f(halves[h][m]) for h in ("test", "validation", "all")
+                                                 for m in ("p5", "map")) + " |")
+    if zero_shot:
+        lines += ["", f"Real-photo zero-shot: a head trained on {zero_shot['trained_on']} photos of the "
+                      f"{zero_shot['labels']} validation-half categories, all photos indexed:", "",
+                  "| mode | unseen (test half) P@5 | unseen mAP | seen (validation half) P@5 | seen mAP |",
+                  "|---|---|---|---|---|"]
+        for mode, row in zero_shot["modes"].items():
+            name = f"{mode} (default)" if mode == zero_shot["default"] else mode
+            lines.append(f"| {name} | {f(row['unseen']['p5'])} | {f(row['unseen']['map'])} | "
+                         f"{f(row['seen']['p5'])} | {f(row['seen']['map'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def photos_of(folder: str | Path, features_of) -> OpenSet | None:
+    """The folder's labelled photos with features from `features_of(records) -> (ok records, features)`."""
+    ok, features, _ = features_of(open_vocab.records(folder))
+    return OpenSet(features, np.asarray([r.label for r in ok]), [r.id for r in ok], [r.path for r in ok]) if ok else None

@@ -1,0 +1,91 @@
+"""Open vocabulary on real photos: every category name of a labelled folder asked as a text query.
+
+Relevant photos are the query's own category's; all the folder's photos are ranked; figures are
+precision@5 and mean average precision. The categories are split once, in a fixed way: sorted by
+name, those at even positions form the validation half (any choice may look at it), those at odd
+positions the test half (reported, never used to choose). With `../shared/data/imagenet200` that is
+100 categories each (`accordion`, `ant`, `apple`, ... validation; `airplane`, `antelope`, ... test).
+
+A category name becomes a query as a user would type it: `_` and `-` read as spaces, the word `or`
+dropped (`cup_or_mug` -> `cup mug`), words without a vector dropped; a name none of whose words has
+a vector is not asked (and counted as such).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from batch.images import ImageRecord, labelled, list_images
+from services.encoder.query import Term, embed
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_OPEN_DATA = REPO.parent / "shared" / "data" / "imagenet200"
+
+
+def default_folder() -> str | None:
+    """../shared/data/imagenet200 when it is there."""
+    return str(SHARED_OPEN_DATA) if SHARED_OPEN_DATA.is_dir() else None
+
+
+def split_labels(labels: list[str] | set[str]) -> tuple[list[str], list[str]]:
+    """(validation half, test half) of the category names: even and odd positions in sorted order."""
+    ordered = sorted(labels)
+    return ordered[0::2], ordered[1::2]
+
+
+def label_query(label: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
+    words = [w for w in re.split(r"[_\-\s]+", label.lower()) if w and w != "or" and w in rows]
+    return embed([Term(w, 1.0) for w in words], rows, vectors) if words else None
+
+
+def records(folder: str | Path, half: str = "all") -> list[ImageRecord]:
+    """The folder's labelled photos: of the `validation` half, the `test` half, or `all`."""
+    found = labelled(list_images(folder))
+    if half == "all":
+        return found
+    validation, test = split_labels({r.label for r in found})
+    keep = set(validation if half == "validation" else test)
+    return [r for r in found if r.label in keep]
+
+
+@dataclass
+class OpenSet:
+    """Real photos with their categories: the ranked collection, and the categories to ask."""
+
+    features: np.ndarray  # (N, F) backbone features
+    truth: np.ndarray  # (N,) category names
+    ids: list[str]
+    paths: list[str]
+
+
+def retrieval(vectors: np.ndarray, truth: np.ndarray, queries: list[str], rows: dict[str, int],
+              word_vectors: np.ndarray) -> dict:
+    """P@5 and AP of each category name as a query over `vectors` (unit, one per photo), and their means."""
+    per_query, skipped = {}, []
+    for label in queries:
+        query = label_query(label, rows, word_vectors)
+        if query is None:
+            skipped.append(label)
+            continue
+        relevant = truth[np.argsort(-(vectors @ query), kind="stable")] == label
+        ranks = np.flatnonzero(relevant)
+        ap = float(np.mean(np.arange(1, len(ranks) + 1) / (ranks + 1))) if len(ranks) else 0.0
+        per_query[label] = {"p5": float(relevant[:5].mean()), "ap": ap}
+    values = list(per_query.values())
+    return {"queries": len(values), "not_asked": skipped,
+            "p5": float(np.mean([v["p5"] for v in values])) if values else 0.0,
+            "map": float(np.mean([v["ap"] for v in values])) if values else 0.0,
+            "per_query": per_query}
+
+
+def open_set(found: list[ImageRecord], features: dict[str, np.ndarray]) -> OpenSet | None:
+    """The readable ones of `found` with their features (by path); None when there are none."""
+    ok = [r for r in found if r.path in features]
+    if not ok:
+        return None
+    return OpenSet(np.stack([features[r.path] for r in ok]), np.asarray([r.label for r in ok]),
+                   [r.id for r in ok], [r.path for r in ok])

@@ -1,0 +1,84 @@
+"""Open vocabulary: WordNet hypernyms, enriched ImageNet class vectors, the category split and the
+retrieval figures (against hand-computed values), and the gated mode on real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batch import open_vocab, wordnet
+from batch.class_table import PLAIN, Enrichment, class_table, imagenet_classes
+from services.encoder import word_vectors
+from services.encoder.query import Term, embed
+
+
+@pytest.fixture(scope="module")
+def names() -> wordnet.WordNet:
+    return wordnet.load()
+
+
+@pytest.fixture(scope="module")
+def words() -> word_vectors.WordVectors:
+    return word_vectors.load()
+
+
+def test_wordnet_hypernyms_of_imagenet_classes(names):
+    dog = names.levels("n02084071", 4)
+    assert dog[0][0] == "dog" and "canine" in dog[1]
+    assert "animal" in {word for level in dog[:3] for word in level}
+    goldfinch = [word for level in names.levels("n01531178", 5) for word in level]
+    assert goldfinch.index("goldfinch") < goldfinch.index("finch") < goldfinch.index("bird")
+    with pytest.raises(KeyError, match="n99999999"):
+        names.levels("n99999999", 2)
+
+
+def test_missing_wordnet_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make wordnet"):
+        wordnet.load(tmp_path / "data.noun")
+
+
+def test_enriched_class_vectors_reach_broader_words_and_keep_their_own(names, words):
+    rows = words.index()
+    plain = class_table(rows, words.vectors, names, PLAIN)
+    enriched = class_table(rows, words.vectors, names, Enrichment())
+    classes, _ = imagenet_classes()
+    near = lambda table, name, word: float(table[classes.index(name)] @ words.vectors[rows[word]])  # noqa: E731
+    for name, broad in (("goldfinch", "bird"), ("Beagle", "dog"), ("grand piano", "instrument")):
+        assert near(enriched, name, broad) > near(plain, name, broad) + 0.05
+    # Among all 1000 classes, the class's own name still finds it first or nearly so.
+    for name, word in (("goldfinch", "goldfinch"), ("harmonica", "harmonica"), ("couch", "sofa")):
+        order = np.argsort(-(enriched @ words.vectors[rows[word]]))
+        assert classes.index(name) in order[:3]
+    assert np.allclose(np.linalg.norm(enriched, axis=1), 1.0, atol=1e-5)
+
+
+def test_category_split_is_fixed_and_disjoint():
+    labels = ["dog", "ant", "zebra", "cup_or_mug", "bee"]
+    validation, test = open_vocab.split_labels(labels)
+    assert validation == ["ant", "cup_or_mug", "zebra"] and test == ["bee", "dog"]
+    assert open_vocab.split_labels(reversed(labels)) == (validation, test)
+
+
+def test_label_queries_read_as_a_user_types_them(words):
+    rows = words.index()
+    expected = embed([Term("cup", 1.0), Term("mug", 1.0)], rows, words.vectors)
+    np.testing.assert_allclose(open_vocab.label_query("cup_or_mug", rows, words.vectors), expected, atol=1e-6)
+    np.testing.assert_allclose(open_vocab.label_query("ping-pong_ball", rows, words.vectors),
+                               embed([Term(w, 1.0) for w in ("ping", "pong", "ball")], rows, words.vectors), atol=1e-6)
+    assert open_vocab.label_query("zzqx_vvqz", rows, words.vectors) is None
+
+
+def test_retrieval_figures_match_hand_computed_ones():
+    """Two categories in a 2-d word space; the ranks of the relevant photos give P@5 and AP by hand."""
+    rows = {"a": 0, "b": 1}
+    space = np.eye(2, dtype=np.float32)
+    angles = np.radians([0, 10, 80, 20, 85, 30, 89])  # photo i at angle from word `a` towards `b`
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    truth = np.asarray(["a", "a", "a", "b", "b", "b", "b"])
+    result = open_vocab.retrieval(vectors, truth, ["a", "b", "c"], rows, space)
+    # query a ranks photos 0,1,3,5,2,4,6: relevant at ranks 1,2,5 -> AP (1 + 1 + 3/5)/3; P@5 3/5
+    # query b ranks 6,4,2,5,3,1,0: relevant at ranks 1,2,4,5 -> AP (1 + 1 + 3/4 + 4/5)/4; P@5 4/5
+    assert result["per_query"]["a"] == pytest.approx({"p5": 0.6, "ap": (2 + 0.6) / 3})
+    assert result["per_query"]["b"] == pytest.approx({"p5": 0.8, "ap": (2 + 0.75 + 0.8) / 4})
+    assert result["not_asked"] == ["c"] and result["queries"] == 2
+    assert result["map"] == pytest.approx(((2 + 0.6) / 3 + (2 + 0.75 + 0.8) / 4) / 2)
