@@ -440,6 +440,25 @@ def concept_benchmark(vectors: dict[str, np.ndarray], truth_labels: list[str], r
     return out
 
 
+def choice_lines(params: dict) -> list[str]:
+    """How the mode parameters were chosen, for people (from ModeParams.chosen_on)."""
+    chosen = params.get("chosen_on") or {}
+    open_set = chosen.get("open_vocabulary") or {}
+    where = (f"the training folder's validation split ({chosen.get('images')} photos) and "
+             f"{open_set['photos']} real photos of {len(open_set['categories'])} categories ({open_set['split']})"
+             if open_set else f"the training folder's validation split ({chosen.get('images')} photos)")
+    conse, gate = chosen.get("conse") or {}, chosen.get("gate") or {}
+    lines = ["", f"Mode parameters, chosen on {where}; no test figure was looked at:", "",
+             f"- default mode `{params['default']}`: {chosen.get('default_rule', '-')}",
+             f"- ConSE: T={params['top']}, class vectors {conse.get('enrichment')}: {conse.get('rule', '-')}",
+             f"- hybrid beta={params['beta']}: the largest keeping tag hit@1 within {TOLERANCE} of devise's",
+             f"- gated center={params.get('gate_center')}, width={params.get('gate_width')}: {gate.get('rule', '-')}"]
+    for mode, figures in (chosen.get("modes") or {}).items():
+        lines.append(f"  - {mode}: open-vocabulary validation mAP {figures['open_map']:.3f}, keeps the trained "
+                     f"labels' figures: {'yes' if figures['keeps_trained_labels'] else 'no'}")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """A short table for people."""
     f = lambda x: f"{x:.3f}"  # noqa: E731
@@ -472,6 +491,7 @@ def markdown(result: dict) -> str:
               "| query | relevant | " + " | ".join(MODES) + " |", "|---|---|" + "---|" * len(MODES)]
     for concept, row in result["concepts"]["queries"].items():
         lines.append(f"| {concept} | {', '.join(row['relevant'])} | " + " | ".join(f(row[m]) for m in MODES) + " |")
+    lines += choice_lines(result["params"])
     lines += ["", "Example queries (default mode, top 5):", ""]
     for text, answers in result["examples"].items():
         lines.append(f"- `{text}`: " + ", ".join(f"{a['id']} ({a['score']})" for a in answers))

@@ -13,12 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from batch import quality
+from batch import open_vocab, quality
 from batch.evaluate import evaluate
 from services.common import artifact
 from services.encoder.core import EncoderCore
 from services.encoder.head import Head
 from services.encoder.modes import MODES, UnknownModeError
+from tests.conftest import REAL_PHOTOS
 
 PER_LABEL = 20
 
@@ -98,7 +99,12 @@ def test_artifact_records_modes_chosen_on_validation(encoder):
     chosen = params["chosen_on"]
     assert chosen["split"] == "validation split of the training folder"
     assert chosen["images"] == json.loads((encoder.directory / artifact.REPORT).read_text())["images"]["validation"]
-    assert params["top"] == chosen["conse_top"] and params["beta"] == chosen["hybrid_beta"]
+    assert params["top"] == chosen["conse"]["top"] and params["beta"] == chosen["hybrid_beta"]
+    # Words never trained on were validated on the real photos' validation half, never the test half.
+    validation, test = open_vocab.split_labels(sorted(p.name for p in REAL_PHOTOS.iterdir()))
+    assert chosen["open_vocabulary"]["categories"] == validation
+    assert params["gate_center"] == chosen["gate"]["center"] and params["gate_width"] == chosen["gate"]["width"]
+    assert chosen["modes"][params["default"]]["keeps_trained_labels"]
     # The zero-shot parameters were chosen with the held-out labels' validation photos, and calibration is on.
     zero = chosen["zero_shot"]
     assert zero["held_out"] == ["cat", "truck"] and params["gamma"] == zero["gamma"] > 0
@@ -137,14 +143,20 @@ def test_zero_shot_hybrid_finds_labels_it_never_trained_on(encoder, test_photos)
     assert zero["conse"]["unseen_hit1_all"] > zero["devise"]["unseen_hit1_all"]
 
 
-def test_make_eval_writes_json_table_and_gallery(ray_runtime, artifact_root, cifar, tmp_path):
-    data = tmp_path / "data"
-    for folder in sorted((cifar / "test").iterdir()):
-        (data / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:5]:
-            (data / folder.name / path.name).symlink_to(path)
+def _linked(source: Path, target: Path, folders: list[str], per_folder: int) -> Path:
+    for name in folders:
+        (target / name).mkdir(parents=True)
+        for path in sorted((source / name).iterdir())[:per_folder]:
+            (target / name / path.name).symlink_to(path)
+    return target
+
+
+def test_make_eval_writes_json_table_and_gallery(ray_runtime, artifact_root, cifar, real_photos, tmp_path):
+    data = _linked(cifar / "test", tmp_path / "data", sorted(p.name for p in (cifar / "test").iterdir()), 5)
+    categories = ["bus", "cattle", "dog", "guitar", "lemon", "ocean_liner_missing", "sofa", "zebra"]
+    real = _linked(real_photos, tmp_path / "real", [c for c in categories if (real_photos / c).is_dir()], 5)
     out = tmp_path / "eval"
-    result = evaluate(artifact_root, data, tmp_path / "cache", None, out)
+    result = evaluate(artifact_root, data, tmp_path / "cache", None, out, open_data=real)
     assert result["images"] == 50 and result["unreadable"] == 0
     assert result["zero_shot"]["held_out"] == ["cat", "truck"]
     assert 0 <= result["flat"]["softmax_baseline"]["hit1"] <= 1
@@ -154,3 +166,46 @@ def test_make_eval_writes_json_table_and_gallery(ray_runtime, artifact_root, cif
     assert "head trained without cat, truck" in Path(result["gallery_zero_shot"]).read_text()
     table = quality.markdown(result)
     assert "softmax_baseline" in table and "Zero-shot" in table
+    # Open vocabulary on the 35 real photos: the halves of the fixed split, every mode, and the real-photo head.
+    block = result["open_vocabulary"]
+    validation, test = open_vocab.split_labels(categories[:5] + categories[6:])
+    assert block["photos"] == 35 and block["modes"]["gated"]["test"]["queries"] == len(test)
+    assert block["modes"]["gated"]["validation"]["queries"] == len(validation)
+    default = block["modes"][block["default"]]["all"]
+    assert default["map"] > block["modes"]["devise"]["all"]["map"] and default["p5"] > 0.5
+    zero_shot = block["real_zero_shot"]
+    assert zero_shot["labels"] == len(validation) and zero_shot["trained_on"] == 4 * len(validation)
+    assert zero_shot["modes"]["devise"]["seen"]["map"] > zero_shot["modes"]["devise"]["unseen"]["map"]
+    assert "street - gated" in Path(block["gallery"]).read_text()
+
+
+@pytest.fixture(scope="module")
+def real(real_photos, encoder):
+    """Two real photos of each imagenet200 category (400 photos): (categories, features)."""
+    labels, data = [], []
+    for folder in sorted(real_photos.iterdir()):
+        for path in sorted(folder.iterdir())[:2]:
+            labels.append(folder.name)
+            data.append(path.read_bytes())
+    return np.asarray(labels), encoder.images.features(data)
+
+
+def test_gated_mode_keeps_the_head_for_training_like_photos_and_conse_for_real_ones(encoder, test_photos, real):
+    _, _, cifar_features = test_photos
+    _, real_features = real
+    modes = encoder.modes
+    assert np.median(modes.gate(cifar_features)) < 0.1  # CIFAR-10 test photos: the head's vector
+    assert np.median(modes.gate(real_features)) > 0.9  # full-size real photos: ConSE's
+    cifar = modes.embed(cifar_features, "gated")
+    label_vectors = quality.label_matrix(encoder.manifest["labels"], encoder.rows, encoder.word_vectors)
+    same = (cifar @ label_vectors.T).argmax(1) == (modes.embed(cifar_features, "hybrid") @ label_vectors.T).argmax(1)
+    assert same.mean() >= 0.95
+
+
+def test_default_mode_finds_real_photos_by_words_it_never_trained_on(encoder, real):
+    """The head trained on 10 CIFAR labels; every imagenet200 category name as a query over 400 real photos."""
+    truth, features = real
+    figures = {mode: open_vocab.retrieval(encoder.modes.embed(features, mode), truth, sorted(set(truth)),
+                                          encoder.rows, encoder.word_vectors)["map"] for mode in MODES}
+    assert figures["devise"] < 0.15  # the known failure: every photo lands among ten words
+    assert figures[encoder.default_mode] >= figures["conse"] - 0.02 and figures[encoder.default_mode] >= 0.6
