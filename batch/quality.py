@@ -46,7 +46,7 @@ SEEN_KEEP = 0.85  # zero-shot calibration keeps at least this share of devise's 
 # ConSE's class vectors: WordNet synonyms and hypernyms at these weights (batch/class_table.py)
 ENRICHMENTS = tuple(Enrichment(s, h, d) for s in (0.0, 0.5, 1.0) for h in (0.0, 0.5, 0.75, 1.0)
                     for d in (0.3, 0.6) if h > 0 or d == 0.3)
-GATE_CENTERS = (-1.0, -2.0, -3.0, -4.0, -5.0, -6.0)  # gated: z of half head, half ConSE
+GATE_CENTERS = (2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0)  # gated: z of half head, half ConSE
 GATE_WIDTHS = (0.5, 1.0, 2.0)
 
 # Concept benchmark: query words that are not labels -> the labels whose photos are relevant.
