@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch import evaluate_open, open_vocab, quality
+from batch import evaluate_open, open_vocab, quality, wordnet
 from batch.extract import extract
 from batch.images import labelled, list_images
 from batch.train_head import HeadConfig, split
@@ -123,7 +123,8 @@ def _open(encoder: EncoderCore, modes, open_data: str | Path, cache: Path, out: 
     photos = evaluate_open.photos_of(open_data, lambda records: _features(records, encoder, cache))
     if photos is None:
         raise ValueError(f"{open_data}: no readable labelled photos")
-    block = evaluate_open.open_vocabulary(modes, photos, encoder.rows, encoder.word_vectors)
+    broad = evaluate_open.broad_queries(photos, wordnet.load(), encoder.rows)
+    block = evaluate_open.open_vocabulary(modes, photos, encoder.rows, encoder.word_vectors, broad)
     block["data"] = str(open_data)
     if real_zero_shot:
         config = HeadConfig(**{k: v for k, v in encoder.manifest["head"].items() if k in HeadConfig.__dataclass_fields__})
@@ -153,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
 
+    from batch.train import ray_options
+
     if not ray.is_initialized():
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}),
+        ray.init(**ray_options(),
                  include_dashboard=False, log_to_driver=False)
     logging.getLogger("ray").setLevel(logging.WARNING)
     out = Path(args.out or Path(args.cache) / "eval")

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from batch import open_vocab, quality
-from batch.open_vocab import OpenSet, label_query, retrieval, split_labels
+from batch.open_vocab import OpenSet, broad_precision, broad_words, label_query, retrieval, split_labels
+from batch.wordnet import WordNet
 from batch.train_head import HeadConfig, split, train_head
 from services.encoder.modes import MODES, Familiarity, Modes
 
@@ -27,20 +28,35 @@ log = logging.getLogger(__name__)
 ZERO_SHOT_VAL_FRACTION = 0.2  # of 5 photos per category: 4 train the head, 1 validates it
 
 
-def _halves(vectors: np.ndarray, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> dict:
+def _halves(vectors: np.ndarray, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
+            broad: dict[str, dict[str, list[str]]] | None = None) -> dict:
     validation, test = split_labels(set(photos.truth.tolist()))
     out = {}
     for half, queries in (("test", test), ("validation", validation), ("all", validation + test)):
         result = retrieval(vectors, photos.truth, queries, rows, word_vectors)
         out[half] = {"p5": result["p5"], "map": result["map"], "queries": result["queries"],
                      "not_asked": result["not_asked"]}
+        if broad and broad.get(half):
+            words = broad_precision(vectors, photos.truth, broad[half], rows, word_vectors)
+            out[half].update(broad_p10=words["p10"], broad_queries=words["queries"])
     return out
 
 
-def open_vocabulary(modes: Modes, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> dict:
-    by_mode = {mode: _halves(modes.embed(photos.features, mode), photos, rows, word_vectors) for mode in MODES}
+def broad_queries(photos: OpenSet, names: WordNet, rows: dict[str, int]) -> dict[str, dict[str, list[str]]]:
+    """Per half: its broad words (from its own categories), each relevant to every category below it."""
+    categories = sorted(set(photos.truth.tolist()))
+    below = broad_words(photos.synsets, categories, names, rows, min_categories=1, max_share=1.0)
+    validation, test = split_labels(categories)
+    return {half: {word: below[word] for word in broad_words(photos.synsets, cats, names, rows)}
+            for half, cats in (("test", test), ("validation", validation), ("all", categories))}
+
+
+def open_vocabulary(modes: Modes, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
+                    broad: dict[str, dict[str, list[str]]] | None = None) -> dict:
+    by_mode = {mode: _halves(modes.embed(photos.features, mode), photos, rows, word_vectors, broad) for mode in MODES}
     return {"photos": int(len(photos.truth)), "categories": int(len(set(photos.truth.tolist()))),
-            "modes": by_mode, "default": modes.params.default, "random_p5": 5 / len(photos.truth)}
+            "modes": by_mode, "default": modes.params.default, "random_p5": 5 / len(photos.truth),
+            "broad_words": broad or {}}
 
 
 def _train_real_head(photos: OpenSet, labels: list[str], rows: dict[str, int], word_vectors: np.ndarray,
@@ -110,12 +126,17 @@ def markdown(block: dict, zero_shot: dict | None) -> str:
     lines = ["", f"Open vocabulary on {block['photos']} real photos ({block['categories']} categories; "
                  f"head trained on the artifact's folder; category names as queries; default mode "
                  f"{block['default']}; random P@5 {block['random_p5']:.3f}):", "",
-             "| mode | test half P@5 | test half mAP | validation half P@5 | validation half mAP | all P@5 | all mAP |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | test half P@5 | test half mAP | test half broad P@10 | validation half P@5 | "
+             "validation half mAP | validation half broad P@10 | all P@5 | all mAP | all broad P@10 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, halves in block["modes"].items():
         name = f"{mode} (default)" if mode == block["default"] else mode
-        lines.append(f"| {name} | " + " | ".join(f(halves[h][m]) for h in ("test", "validation", "all")
-                                                 for m in ("p5", "map")) + " |")
+        lines.append(f"| {name} | " + " | ".join(f(halves[h][m]) if m in halves[h] else "-"
+                                                 for h in ("test", "validation", "all")
+                                                 for m in ("p5", "map", "broad_p10")) + " |")
+    broad = block.get("broad_words") or {}
+    if broad.get("test"):
+        lines += ["", f"Broad words of the test half ({len(broad['test'])}): " + ", ".join(sorted(broad["test"]))]
     if zero_shot:
         gate = zero_shot["gate"]
         lines += ["", f"Real-photo zero-shot: a head trained on {zero_shot['trained_on']} photos of the "
@@ -131,6 +152,6 @@ def markdown(block: dict, zero_shot: dict | None) -> str:
 
 
 def photos_of(folder: str | Path, features_of) -> OpenSet | None:
-    """The folder's labelled photos with features from `features_of(records) -> (ok records, features)`."""
+    """The folder's labelled photos with features from `features_of(records) -> (ok records, features, _)`."""
     ok, features, _ = features_of(open_vocab.records(folder))
-    return OpenSet(features, np.asarray([r.label for r in ok]), [r.id for r in ok], [r.path for r in ok]) if ok else None
+    return open_vocab.open_set(ok, dict(zip([r.path for r in ok], features))) if ok else None

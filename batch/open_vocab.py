@@ -9,21 +9,28 @@ positions the test half (reported, never used to choose). With `../shared/data/i
 A category name becomes a query as a user would type it: `_` and `-` read as spaces, the word `or`
 dropped (`cup_or_mug` -> `cup mug`), words without a vector dropped; a name none of whose words has
 a vector is not asked (and counted as such).
+
+Broad words (`animal`, `vehicle`, `fruit`, `furniture`) are asked too, where the photos' file names
+start with their category's WordNet id (`n02084071_...jpg`, as in imagenet200): every one-word WordNet
+hypernym shared by at least 3 of the asked categories and by at most 30% of them is a query, and
+its relevant photos are those of the categories below it. Their figure is precision@10.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from batch.images import ImageRecord, labelled, list_images
+from batch.wordnet import WordNet
 from services.encoder.query import Term, embed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OPEN_DATA = REPO.parent / "shared" / "data" / "imagenet200"
+_WNID = re.compile(r"^(n\d{8})_")
 
 
 def default_folder() -> str | None:
@@ -60,6 +67,48 @@ class OpenSet:
     truth: np.ndarray  # (N,) category names
     ids: list[str]
     paths: list[str]
+    synsets: dict[str, str] = field(default_factory=dict)  # category -> WordNet id, where file names tell
+    broad: dict[str, list[str]] = field(default_factory=dict)  # broad word -> its categories (broad_words)
+
+    def score(self, vectors: np.ndarray, rows: dict[str, int], word_vectors: np.ndarray) -> dict:
+        """Category-name mAP, broad-word P@10, and `score`: their mean (the mAP alone without broad words)."""
+        names = retrieval(vectors, self.truth, sorted(set(self.truth.tolist())), rows, word_vectors)["map"]
+        broad = broad_precision(vectors, self.truth, self.broad, rows, word_vectors)["p10"] if self.broad else None
+        return {"map": names, "broad_p10": broad, "score": names if broad is None else (names + broad) / 2}
+
+
+def category_synsets(found: list[ImageRecord]) -> dict[str, str]:
+    """Category -> WordNet noun id, for categories whose photos' file names all start with the same one."""
+    ids: dict[str, set[str]] = {}
+    for record in found:
+        match = _WNID.match(Path(record.path).name)
+        ids.setdefault(record.label, set()).add(match.group(1) if match else "")
+    return {label: next(iter(found)) for label, found in ids.items() if len(found) == 1 and "" not in found}
+
+
+def broad_words(synsets: dict[str, str], categories: list[str], names: WordNet, rows: dict[str, int],
+                min_categories: int = 3, max_share: float = 0.3) -> dict[str, list[str]]:
+    """One-word WordNet hypernyms shared by several of `categories` -> the categories below each."""
+    below: dict[str, set[str]] = {}
+    for label in categories:
+        if label in synsets and synsets[label].lstrip("n") in names.synsets:
+            for hypernym in names.ancestors(synsets[label]):
+                below.setdefault(hypernym, set()).add(label)
+    out: dict[str, list[str]] = {}
+    for hypernym, labels in sorted(below.items()):
+        word = names.synsets[hypernym].words[0].lower()
+        if min_categories <= len(labels) <= max_share * len(categories) and " " not in word and word in rows:
+            out.setdefault(word, sorted(labels))
+    return out
+
+
+def broad_precision(vectors: np.ndarray, truth: np.ndarray, queries: dict[str, list[str]], rows: dict[str, int],
+                    word_vectors: np.ndarray, k: int = 10) -> dict:
+    """precision@k of each broad word over `vectors`, relevant = photos of its categories; and the mean."""
+    per_query = {word: float(np.isin(truth[np.argsort(-(vectors @ word_vectors[rows[word]]))[:k]], labels).mean())
+                 for word, labels in queries.items()}
+    return {"queries": len(per_query), "p10": float(np.mean(list(per_query.values()))) if per_query else 0.0,
+            "per_query": per_query}
 
 
 def retrieval(vectors: np.ndarray, truth: np.ndarray, queries: list[str], rows: dict[str, int],
@@ -88,4 +137,4 @@ def open_set(found: list[ImageRecord], features: dict[str, np.ndarray]) -> OpenS
     if not ok:
         return None
     return OpenSet(np.stack([features[r.path] for r in ok]), np.asarray([r.label for r in ok]),
-                   [r.id for r in ok], [r.path for r in ok])
+                   [r.id for r in ok], [r.path for r in ok], category_synsets(ok))

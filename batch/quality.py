@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from batch.class_table import PLAIN, Enrichment
-from batch.open_vocab import OpenSet, retrieval
+from batch.open_vocab import OpenSet
 from services.encoder.head import Head
 from services.encoder.modes import MODES, Modes
 from services.encoder.query import Term, embed
@@ -44,10 +44,12 @@ GAMMAS = tuple(round(g, 3) for g in np.arange(0, 0.4, 0.005))
 TOLERANCE = 0.005  # hybrid may lose at most this much of devise's validation tag hit@1
 SEEN_KEEP = 0.85  # zero-shot calibration keeps at least this share of devise's seen-photo hit@1
 # ConSE's class vectors: WordNet synonyms and hypernyms at these weights (batch/class_table.py)
-ENRICHMENTS = tuple(Enrichment(s, h, d) for s in (0.0, 0.5, 1.0) for h in (0.0, 0.5, 0.75, 1.0)
-                    for d in (0.3, 0.6) if h > 0 or d == 0.3)
+ENRICHMENTS = tuple(Enrichment(s, h, d) for s in (0.5, 1.0) for h in (0.0, 0.5, 1.0, 1.5)
+                    for d in (0.3, 0.6, 0.8) if h > 0 or d == 0.3)
 GATE_CENTERS = (2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0)  # gated: z of half head, half ConSE
 GATE_WIDTHS = (0.5, 1.0, 2.0)
+OPEN_SCORE = ("open-vocabulary score (the mean of category-name mAP and broad-word P@10 on the validation "
+              "half's photos; the mAP alone where no broad words are known)")
 
 # Concept benchmark: query words that are not labels -> the labels whose photos are relevant.
 CONCEPTS: dict[str, tuple[str, ...]] = {
@@ -183,12 +185,12 @@ def choose(modes: Modes, features: np.ndarray, truth: np.ndarray, labels: list[s
     `features`/`truth`: the training folder's validation split (trained labels). `open_set`: real
     photos of the validation half of an open-vocabulary folder (words never trained on), if any.
 
-    - ConSE's class vectors (WordNet enrichment, `make_table`) and T: best open-vocabulary mAP
-      (without an open set: best flat hit@1 on the trained labels).
+    - ConSE's class vectors (WordNet enrichment, `make_table`) and T: best OPEN_SCORE (without an
+      open set: best flat hit@1 on the trained labels).
     - hybrid beta: the largest whose tag hit@1 stays within TOLERANCE of devise's.
-    - the gate's center and width: best open-vocabulary mAP of `gated` among those keeping flat and
+    - the gate's center and width: best OPEN_SCORE of `gated` among those keeping flat and
       tag hit@1 within TOLERANCE of devise's.
-    - the default mode: best open-vocabulary mAP among the modes that keep flat and tag hit@1 within
+    - the default mode: best OPEN_SCORE among the modes that keep flat and tag hit@1 within
       TOLERANCE of devise's (without an open set: hybrid if beta > 0 and its concept precision is
       at least devise's, else devise).
     - zero-shot beta and gamma: see _choose_zero_shot.
@@ -236,11 +238,12 @@ def _describe(open_set: OpenSet | None) -> dict:
     if open_set is None:
         return {}
     return {"photos": int(len(open_set.truth)), "categories": sorted(set(open_set.truth.tolist())),
+            "broad_words": open_set.broad,
             "split": "validation half of the open-vocabulary folder's categories (batch/open_vocab.py)"}
 
 
-def _open_map(vectors: np.ndarray, open_set: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> float:
-    return retrieval(vectors, open_set.truth, sorted(set(open_set.truth.tolist())), rows, word_vectors)["map"]
+def _open_score(vectors: np.ndarray, open_set: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> float:
+    return open_set.score(vectors, rows, word_vectors)["score"]
 
 
 def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None,
@@ -252,14 +255,14 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
         candidate = modes.with_table(make_table(enrichment)) if enrichment is not None else modes
         for top in TOPS:
             if open_set is not None:
-                score = _open_map(candidate.conse(open_set.features, top), open_set, rows, trained.word_vectors)
+                score = _open_score(candidate.conse(open_set.features, top), open_set, rows, trained.word_vectors)
             else:
                 score = hits(candidate.conse(trained.features, top) @ trained.label_vectors.T, trained.truth, (1,))["hit1"]
             scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top}"] = score
             if best is None or score > best[0] + 1e-9:
                 best = (score, enrichment, top, candidate)
     score, enrichment, top, modes = best
-    figures["conse"] = {"rule": "best open-vocabulary mAP" if open_set is not None else "best flat hit@1",
+    figures["conse"] = {"rule": f"best {OPEN_SCORE}" if open_set is not None else "best flat hit@1",
                         "enrichment": enrichment.to_dict() if enrichment else None, "top": top, "score": score,
                         "scores": scores}
     return modes.with_params(top=top)
@@ -293,15 +296,15 @@ def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None
         for width in GATE_WIDTHS:
             (tf, th, tc), (of, oh, oc) = parts
             keeps = trained.keeps(modes.gated(tf, th, tc, center, width), devise)
-            score = _open_map(modes.gated(of, oh, oc, center, width), open_set, rows, trained.word_vectors)
-            scores[f"{center}/{width}"] = {"open_map": score, "keeps_trained_labels": keeps}
+            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, rows, trained.word_vectors)
+            scores[f"{center}/{width}"] = {"open_score": score, "keeps_trained_labels": keeps}
             if keeps and (best is None or score > best[0] + 1e-9):
                 best = (score, center, width)
-    figures["gate"] = {"rule": f"best open-vocabulary mAP keeping flat and tag hit@1 within {TOLERANCE} of devise's",
+    figures["gate"] = {"rule": f"best {OPEN_SCORE} keeping flat and tag hit@1 within {TOLERANCE} of devise's",
                        "scores": scores}
     if best is None:
         return modes
-    figures["gate"].update(center=best[1], width=best[2], open_map=best[0])
+    figures["gate"].update(center=best[1], width=best[2], open_score=best[0])
     return modes.with_params(gate_center=best[1], gate_width=best[2])
 
 
@@ -319,12 +322,12 @@ def _choose_default(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | N
         if mode == "gated" and modes.familiarity is None:
             continue
         keeps = trained.keeps(modes.embed(trained.features, mode), devise)
-        candidates[mode] = {"open_map": _open_map(modes.embed(open_set.features, mode), open_set, rows,
-                                                  trained.word_vectors), "keeps_trained_labels": keeps}
-    figures.update(modes=candidates, default_rule="best open-vocabulary mAP among the modes keeping flat and tag "
+        candidates[mode] = {**open_set.score(modes.embed(open_set.features, mode), rows, trained.word_vectors),
+                            "keeps_trained_labels": keeps}
+    figures.update(modes=candidates, default_rule=f"best {OPEN_SCORE} among the modes keeping flat and tag "
                                                   f"hit@1 within {TOLERANCE} of devise's")
     return max((mode for mode, c in candidates.items() if c["keeps_trained_labels"]),
-               key=lambda mode: candidates[mode]["open_map"])
+               key=lambda mode: candidates[mode]["score"])
 
 
 def _choose_zero_shot(modes: Modes, extras: Extras, labels: list[str], label_vectors: np.ndarray,
@@ -454,7 +457,8 @@ def choice_lines(params: dict) -> list[str]:
              f"- hybrid beta={params['beta']}: the largest keeping tag hit@1 within {TOLERANCE} of devise's",
              f"- gated center={params.get('gate_center')}, width={params.get('gate_width')}: {gate.get('rule', '-')}"]
     for mode, figures in (chosen.get("modes") or {}).items():
-        lines.append(f"  - {mode}: open-vocabulary validation mAP {figures['open_map']:.3f}, keeps the trained "
+        broad = f", broad-word P@10 {figures['broad_p10']:.3f}" if figures.get("broad_p10") is not None else ""
+        lines.append(f"  - {mode}: open-vocabulary validation mAP {figures['map']:.3f}{broad}, keeps the trained "
                      f"labels' figures: {'yes' if figures['keeps_trained_labels'] else 'no'}")
     return lines
 

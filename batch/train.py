@@ -126,7 +126,8 @@ def run(options: Options) -> Path:
     log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
 
     onnx_path = backbone_onnx(options)
-    open_records = open_vocab.records(options.open_data, "validation") if options.open_data else []
+    with_open = options.open_data is not None and options.quality
+    open_records = open_vocab.records(options.open_data, "validation") if with_open else []
     all_records = list({r.path: r for r in train_records + index_records + open_records}.values())
     actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads_per_actor)
     extraction = extract(all_records, options.backbone, onnx_path, spec.preprocessing, options.cache / "features",
@@ -151,6 +152,8 @@ def run(options: Options) -> Path:
                                   features[val_rows] if len(val_rows) else features[train_rows])
     modes = Modes.build(onnx_path, class_table(rows, words.vectors, names), trained.head, targets, familiarity)
     open_set = open_vocab.open_set(open_records, extraction.features)
+    if open_set is not None:
+        open_set.broad = open_vocab.broad_words(open_set.synsets, sorted(set(open_set.truth.tolist())), names, rows)
     extras, mode_params, quality_report = None, modes.params.to_dict(), {}
     if options.quality and len(labels) >= 3 and len(val_rows):
         held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
@@ -278,7 +281,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--held-out", default=env("HELD_OUT") or None,
                         help="comma-separated labels left out of the zero-shot head (default: cat,truck if present)")
     parser.add_argument("--no-quality", action="store_true",
-                        help="skip the softmax baseline, the zero-shot head and the quality report")
+                        help="skip the softmax baseline, the zero-shot head, the open-vocabulary validation "
+                             "and the quality report")
     args = parser.parse_args(argv)
     return Options(
         data=Path(args.data) if args.data else default_data(Path(args.cache)),
@@ -295,11 +299,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
 
 
+def ray_options() -> dict:
+    """Join the cluster named by RAY_ADDRESS; otherwise start a local Ray of this machine's CPUs, never
+    attaching to some other job's Ray that happens to run here."""
+    address = os.environ.get("RAY_ADDRESS")
+    return {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = parse_args(argv)
     if not ray.is_initialized():
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}), log_to_driver=False)
+        ray.init(**ray_options(), log_to_driver=False)
     logging.getLogger("ray").setLevel(logging.WARNING)  # this job logs its own progress
     try:
         run(options)

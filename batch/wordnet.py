@@ -73,6 +73,18 @@ class WordNet:
         return out
 
 
+    def ancestors(self, wnid: str) -> set[str]:
+        """Offsets of every hypernym above the synset, at any height."""
+        found: set[str] = set()
+        frontier = [wnid.lstrip("n")]
+        while frontier:
+            for parent in self.synsets[frontier.pop()].hypernyms:
+                if parent not in found:
+                    found.add(parent)
+                    frontier.append(parent)
+        return found
+
+
 def default_path() -> Path:
     """$WORDNET, else where `make wordnet` puts data.noun by default."""
     return Path(os.environ.get(ENVIRONMENT) or REPO / ".cache" / "wordnet" / "data.noun")

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     previous = json.loads(args.out.read_text()) if args.speed_only else None
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
     results, skipped = [], []
     try:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
     logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         results = run(args)

@@ -37,7 +37,7 @@ def real_photos() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_runtime():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
     yield
     ray.shutdown()
