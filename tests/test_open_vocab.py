@@ -82,3 +82,24 @@ def test_retrieval_figures_match_hand_computed_ones():
     assert result["per_query"]["b"] == pytest.approx({"p5": 0.8, "ap": (2 + 0.75 + 0.8) / 4})
     assert result["not_asked"] == ["c"] and result["queries"] == 2
     assert result["map"] == pytest.approx(((2 + 0.6) / 3 + (2 + 0.75 + 0.8) / 4) / 2)
+
+
+def test_broad_words_come_from_shared_hypernyms(names, words, real_photos):
+    found = [r for r in open_vocab.records(real_photos) if r.label in
+             {"dog", "domestic_cat", "lion", "zebra", "bus", "car", "motorcycle", "snowplow", "lemon"}]
+    synsets = open_vocab.category_synsets(found)
+    assert synsets["dog"] == "n02084071" and len(synsets) == 9
+    broad = open_vocab.broad_words(synsets, sorted(synsets), names, words.index(), max_share=0.5)
+    assert set(broad["carnivore"]) == {"dog", "domestic_cat", "lion"}
+    assert {"car", "motorcycle", "snowplow"} == set(broad["vehicle"]) and "bus" in broad["conveyance"]
+    assert all(3 <= len(labels) <= 4 for labels in broad.values())
+
+
+def test_broad_precision_counts_photos_of_the_categories_below():
+    rows = {"animal": 0, "tool": 1}
+    space = np.eye(2, dtype=np.float32)
+    vectors = np.asarray([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1], [0.1, 0.9]], np.float32)
+    truth = np.asarray(["dog", "hammer", "cat", "hammer", "saw"])
+    result = open_vocab.broad_precision(vectors, truth, {"animal": ["cat", "dog"], "tool": ["hammer", "saw"]},
+                                        rows, space, k=2)
+    assert result["per_query"] == {"animal": 0.5, "tool": 1.0} and result["p10"] == 0.75
