@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 from batch import backbones, open_vocab, quality, wordnet
-from batch.class_table import Enrichment, class_table
+from batch.class_table import class_table
 from batch.build_index import build_indexes
 from batch.extract import extract
 from batch.images import ImageRecord, labelled, list_images
@@ -119,6 +119,7 @@ def run(options: Options) -> Path:
     index_records, live_changes = with_live_updates(index_records, options.artifacts)
     log.info("data: %d labelled images in %s; %d searchable images", len(train_records), options.data, len(index_records))
 
+    names = wordnet.load(options.wordnet_path)  # ImageNet class hypernyms, for ConSE's class vectors
     words = word_vectors.load(options.word_vectors)
     labels = sorted({r.label for r in train_records})
     rows = words.index()
@@ -147,7 +148,6 @@ def run(options: Options) -> Path:
     val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
         if len(val_rows) else 0.0
     quality_started = time.perf_counter()
-    names = wordnet.load(options.wordnet_path)
     familiarity = Familiarity.fit(features[train_rows], label_ids[train_rows],
                                   features[val_rows] if len(val_rows) else features[train_rows])
     modes = Modes.build(onnx_path, class_table(rows, words.vectors, names), trained.head, targets, familiarity)
