@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const MAX_K = 1000;
 const TOKEN_COOKIE = "semsearch_token";
-let view = null;  // what the grid shows: {kind, title, fetch(k) -> results, shown, asked}
+let view = null;  // what the grid shows: {title ("for “dog”"), fetch(k) -> top k results, shown}
 
 class ApiError extends Error {
   constructor(message, code, status) { super(message); this.code = code; this.status = status; }
@@ -85,10 +85,12 @@ function chip(word, score, onClick) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = "chip";
-  button.textContent = word;
+  const text = document.createElement("span");
+  text.className = "word";
+  text.textContent = word;
   const small = document.createElement("small");
   small.textContent = score.toFixed(2);
-  button.append(small);
+  button.append(text, small);
   button.addEventListener("click", onClick);
   return button;
 }
@@ -119,8 +121,8 @@ async function more() {
   current.shown = results.length;
   const done = results.length < asked || asked >= MAX_K;
   $("more").hidden = done;
-  $("status").textContent = results.length === 0 ? `No photos for ${current.title}.`
-    : `${results.length} photos for ${current.title}${done ? "" : "; More shows the next " + pageSize()}.`;
+  $("status").textContent = results.length === 0 ? `No photos ${current.title}.`
+    : `${results.length} photos ${current.title}${done ? "" : "; More shows the next " + pageSize()}.`;
 }
 
 function search(q, push = true) {
@@ -128,7 +130,7 @@ function search(q, push = true) {
   $("query").hidden = true;
   $("q").value = q;
   if (push) setUrl({q});
-  return show({title: `“${q}”`, fetch: async (k) =>
+  return show({title: `for “${q}”`, fetch: async (k) =>
     (await api(`/api/search?q=${encodeURIComponent(q)}&k=${k}${minScoreParam()}`)).results});
 }
 
@@ -140,7 +142,7 @@ function similarToId(id, label, push = true) {
   $("query-title").textContent = `Photos like ${id}${label ? " (" + label + ")" : ""}`;
   $("tags").replaceChildren();
   window.scrollTo(0, 0);
-  return show({title: `photos like ${id}`, fetch: async (k) => (await api(`/api/similar?k=${k}${minScoreParam()}`, {
+  return show({title: `like ${id}`, fetch: async (k) => (await api(`/api/similar?k=${k}${minScoreParam()}`, {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({id})})).results});
 }
 
@@ -155,7 +157,7 @@ async function upload(file) {
   const tagging = api("/api/tag?k=8", {method: "POST", body: form()}).then((answer) => {
     $("tags").replaceChildren(...answer.tags.map((t) => chip(t.word, t.score, () => search(t.word))));
   }, showError);
-  await Promise.all([tagging, show({title: `photos like ${file.name}`, fetch: async (k) =>
+  await Promise.all([tagging, show({title: `like ${file.name}`, fetch: async (k) =>
     (await api(`/api/similar?k=${k}${minScoreParam()}`, {method: "POST", body: form()})).results})]);
 }
 
