@@ -36,6 +36,13 @@ HEALTH_TIMEOUT = 2.0
 IMAGE_CACHE = "private, max-age=3600"
 
 
+class CliJson(JSONResponse):
+    """JSON written as the CLI's `--json` writes it, so an API answer is byte for byte the CLI's output."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=False).encode("utf-8")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
@@ -192,7 +199,7 @@ def create_app(client: Client, thumbnails: Path) -> FastAPI:
     def search(request: Request, q: str = Query(description="cat sofa, cat+sofa-dog, cat:2 sofa"),
                k: int = 10, min_score: float | None = None):
         """Images for text: the CLI's `search --json` document."""
-        return JSONResponse(image_json(q, gateway(request).search(q, k=k, min_score=min_score)))
+        return CliJson(image_json(q, gateway(request).search(q, k=k, min_score=min_score)))
 
     @app.post("/api/similar", response_model=ImageResults, responses=ERRORS, openapi_extra=SIMILAR_BODY)
     async def similar(request: Request, k: int = 10, min_score: float | None = None):
@@ -205,21 +212,21 @@ def create_app(client: Client, thumbnails: Path) -> FastAPI:
             if not isinstance(image_id, str):
                 raise ApiError(400, "INVALID_ARGUMENT", "the id must be a string")
             hits = await run_in_threadpool(gateway(request).similar, id=image_id, k=k, min_score=min_score)
-            return JSONResponse(image_json(image_id, hits))
+            return CliJson(image_json(image_id, hits))
         data, name = await _upload(request)
         hits = await run_in_threadpool(gateway(request).similar, data, k=k, min_score=min_score)
-        return JSONResponse(image_json(name, hits))
+        return CliJson(image_json(name, hits))
 
     @app.post("/api/tag", response_model=Tags, responses=ERRORS, openapi_extra=UPLOAD_BODY)
     async def tag(request: Request, k: int = 5):
         """The nearest words of the whole vocabulary for an uploaded photo."""
         data, _ = await _upload(request)
-        return JSONResponse(word_json("tags", await run_in_threadpool(gateway(request).tag, data, k=k)))
+        return CliJson(word_json("tags", await run_in_threadpool(gateway(request).tag, data, k=k)))
 
     @app.get("/api/words", response_model=Words, responses=ERRORS)
     def words(request: Request, word: str, k: int = 10):
         """GloVe neighbours of a word."""
-        return JSONResponse(word_json("words", gateway(request).words(word, k=k)))
+        return CliJson(word_json("words", gateway(request).words(word, k=k)))
 
     @app.get("/api/images/{image_id:path}/thumbnail", responses=ERRORS, response_class=Response)
     def thumbnail(request: Request, image_id: str):
