@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -26,6 +25,7 @@ from starlette.formparsers import MultiPartException
 from services.gateway.cli import image_json, word_json
 from services.gateway.client import Client
 from services.web import errors, images
+from services.web.schema import ERRORS, SIMILAR_BODY, UPLOAD_BODY, Error, ImageResults, Tags, Words
 
 log = logging.getLogger(__name__)
 
@@ -77,50 +77,6 @@ class BodyLimit:
 
     def _message(self) -> str:
         return f"the request body is over the limit of {self.limit // 2**20} MiB"
-
-
-# --- the documented shapes (the CLI's --json documents) -------------------------------------------
-
-class ImageResult(BaseModel):
-    id: str
-    path: str
-    label: str | None
-    score: float
-
-
-class ImageResults(BaseModel):
-    query: str
-    results: list[ImageResult]
-
-
-class WordResult(BaseModel):
-    word: str
-    score: float
-
-
-class Tags(BaseModel):
-    tags: list[WordResult]
-
-
-class Words(BaseModel):
-    words: list[WordResult]
-
-
-class Error(BaseModel):
-    error: str
-    code: str
-
-
-ERRORS = {status: {"model": Error} for status in (400, 401, 404, 413, 503)}
-UPLOAD_BODY = {"requestBody": {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}},
-                                       "required": ["image"]}},
-    "image/*": {"schema": {"type": "string", "format": "binary"}},
-}}}
-SIMILAR_BODY = {"requestBody": {"content": {
-    **UPLOAD_BODY["requestBody"]["content"],
-    "application/json": {"schema": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}},
-}}}
 
 
 def _token(request: Request) -> str | None:
