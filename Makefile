@@ -21,13 +21,15 @@ HOST ?= 127.0.0.1
 GATEWAY_PORT ?= 50050
 ENCODER_PORT ?= 50051
 INDEX_PORT ?= 50052
+WEB_PORT ?= 8080
+CHROMIUM := /usr/bin/chromium
 RUN := run
 DEMO_IMAGE ?= $(firstword $(wildcard $(abspath ../shared/data/imagenet200)/dog/*.jpg) $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
 EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet batch-train serve stop demo eval capacity bench bench-models words-100d test clean
+.PHONY: setup protos wordnet browser batch-train serve stop demo eval capacity bench bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -57,6 +59,13 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 	echo "$(abspath $(GEN))" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/semsearch_protos.pth"
 	touch $@
 
+# The browser tests drive Debian's chromium (Playwright's own download is not reachable); installed when missing.
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium
+
 batch-train: setup
 	$(PY) -m batch.train $(if $(DATA),--data $(DATA)) $(if $(INDEX_DATA),--index-data $(INDEX_DATA)) \
 		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS)) \
@@ -72,14 +81,17 @@ serve: setup stop
 	@setsid nohup $(PY) -m services.gateway.server --host $(HOST) --port $(GATEWAY_PORT) \
 		--encoder $(HOST):$(ENCODER_PORT) --index $(HOST):$(INDEX_PORT) \
 		> $(RUN)/gateway.log 2>&1 < /dev/null & echo $$! > $(RUN)/gateway.pid
+	@setsid nohup $(PY) -m services.web.server --host $(HOST) --port $(WEB_PORT) --gateway $(HOST):$(GATEWAY_PORT) \
+		> $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid
 	@$(PY) -m services.common.wait_ready --timeout 600 \
 		index=$(HOST):$(INDEX_PORT)@$(RUN)/index.pid encoder=$(HOST):$(ENCODER_PORT)@$(RUN)/encoder.pid \
-		gateway=$(HOST):$(GATEWAY_PORT)@$(RUN)/gateway.pid \
+		gateway=$(HOST):$(GATEWAY_PORT)@$(RUN)/gateway.pid web=http://$(HOST):$(WEB_PORT)/healthz@$(RUN)/web.pid \
 		|| { tail -n 20 $(RUN)/*.log; $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "services up; logs in $(RUN)/; semsearch --gateway $(HOST):$(GATEWAY_PORT) ...; 'make stop' ends them"
+	@echo "the search page: http://$(HOST):$(WEB_PORT)/  (API docs: http://$(HOST):$(WEB_PORT)/docs)"
 
 stop:
-	@for name in gateway encoder index; do \
+	@for name in web gateway encoder index; do \
 		if [ -f $(RUN)/$$name.pid ]; then \
 			pid=$$(cat $(RUN)/$$name.pid); \
 			if kill -TERM $$pid 2>/dev/null; then \
@@ -105,6 +117,7 @@ demo: batch-train serve
 	done
 	@echo; echo "gallery pages (open in a browser): $(abspath $(DEMO_PAGES))/search-street.html and the others in $(abspath $(DEMO_PAGES))/"
 	@echo "services are still up: try '$(VENV)/bin/semsearch search ship'; 'make stop' ends them"
+	@echo "open the search page: http://$(HOST):$(WEB_PORT)/?q=dog  (JSON: curl 'http://$(HOST):$(WEB_PORT)/api/search?q=dog&k=5')"
 
 eval: setup
 	$(PY) -m batch.evaluate --artifacts $(ARTIFACTS) --cache $(CACHE) --data $(or $(EVAL_DATA),$(error set EVAL_DATA to a labelled folder)) \
@@ -137,7 +150,7 @@ $(WORDS_100D):
 $(ARTIFACTS)/current:
 	$(MAKE) --no-print-directory batch-train
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 clean: stop

@@ -109,6 +109,10 @@ def markdown(results: dict) -> str:
         f"{_verdict(text['errors'] == 0)}), gateway overhead <= 1.5x (p50 ratio {sv['gateway_overhead_p50']}, "
         f"QPS ratio {sv['gateway_qps_ratio']}: {_verdict(sv['gateway_overhead_p50'] <= 1.5)}).",
         "",
+    ]
+    if "web" in results:
+        out += web_section(results["web"])
+    out += [
         "## 5. Scale: the index with 1,000,000 vectors (GloVe rows mapped to D dimensions, plus noise)",
         "",
         _table(["vectors", "D", "build s", "recall@10", "ms/query (1 core)", "QPS (1 core)", "bytes/vector in memory"],
@@ -121,3 +125,26 @@ def markdown(results: dict) -> str:
         if section.is_file():
             out += [section.read_text().rstrip(), ""]
     return "\n".join(out)
+
+
+def web_section(web: dict) -> list[str]:
+    """"The API under load": HTTP searches beside the same searches on the gRPC gateway, in one run."""
+    grpc_run, http_run = web["gateway_grpc"], web["web_http"]
+    return [
+        "### The API under load (HTTP/JSON beside the gRPC gateway)",
+        "",
+        "The same text searches (k = 10) from 16 clients in 4 load processes, run back to back over the same "
+        "three services: on the gateway over gRPC, then as `GET /api/search` on the web service (FastAPI on "
+        "uvicorn, which calls that gateway). Servers and load share the 2 cores.",
+        "",
+        _table(["load", "clients", "searches/s", "p50 ms", "p99 ms", "errors"], [
+            ["gRPC: Search on the gateway", grpc_run["clients"], f"{grpc_run['qps']:,}", grpc_run["p50_ms"],
+             grpc_run["p99_ms"], grpc_run["errors"]],
+            ["HTTP: GET /api/search on the web service", http_run["clients"], f"{http_run['qps']:,}",
+             http_run["p50_ms"], http_run["p99_ms"], http_run["errors"]],
+        ]),
+        "",
+        f"Goal: HTTP >= 0.5x the gateway's throughput ({web['qps_ratio']}x: {_verdict(web['qps_ratio'] >= 0.5)}), "
+        f"0 errors ({http_run['errors']}: {_verdict(http_run['errors'] == 0)}).",
+        "",
+    ]

@@ -17,8 +17,38 @@ WORDS = ["dog", "cat", "ship", "truck", "horse", "bird", "frog", "deer", "airpla
          "road", "sky", "water", "animal", "plane", "house", "tree", "green"]
 
 
+class HttpFailure(Exception):
+    """An HTTP answer other than 200."""
+
+
+def _http_search(address: str):
+    """`call(i)`: GET /api/search on the web service at `address` (host:port), one keep-alive connection per thread."""
+    import http.client
+    import threading
+
+    host, port = address.rsplit(":", 1)
+    local = threading.local()
+
+    def call(i: int) -> None:
+        if getattr(local, "connection", None) is None:
+            local.connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            local.connection.request("GET", f"/api/search?q={WORDS[i % len(WORDS)]}&k=10")
+            response = local.connection.getresponse()
+            body = response.read()
+        except OSError:
+            local.connection.close()
+            local.connection = None
+            raise
+        if response.status != 200 or not body.startswith(b'{"query"'):
+            raise HttpFailure(f"HTTP {response.status}: {body[:200]!r}")
+
+    return call
+
+
 def _worker(kind: str, address: str, seconds: float, threads: int, payload: bytes, queue) -> None:
     """One load process: `threads` threads calling for `seconds`; puts (latencies, errors) on the queue."""
+    import http.client
     import threading
 
     import grpc
@@ -40,6 +70,7 @@ def _worker(kind: str, address: str, seconds: float, threads: int, payload: byte
         "index": lambda i: index.Search(index_pb2.IndexSearchRequest(
             index="images", vector=index_pb2.FloatVector(values=vectors[WORDS[i % len(WORDS)]]), k=10), timeout=10),
         "image": lambda i: client.similar(payload, k=10),
+        "http": _http_search(address) if kind == "http" else None,
     }
     call = calls[kind]
     stop_at = time.perf_counter() + seconds
@@ -51,7 +82,7 @@ def _worker(kind: str, address: str, seconds: float, threads: int, payload: byte
             try:
                 call(i)
                 latencies.append(time.perf_counter() - started)
-            except grpc.RpcError:
+            except (grpc.RpcError, OSError, http.client.HTTPException, HttpFailure):
                 errors[0] += 1
             i += threads
 

@@ -14,6 +14,7 @@ from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
 from services.common.wait_ready import wait_serving
 from services.index import server as index_server
+from services.web import server as web_server
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
@@ -81,3 +82,17 @@ def services(artifact_root) -> Addresses:
         for address in (addresses.index, addresses.encoder, addresses.gateway):
             wait_serving(address)
         yield addresses
+
+
+@dataclass(frozen=True)
+class Web:
+    url: str
+    thumbnails: Path
+
+
+@pytest.fixture(scope="session")
+def web(services, tmp_path_factory) -> Web:
+    """The web service on a loopback port picked by the OS, over the real gateway."""
+    thumbnails = tmp_path_factory.mktemp("thumbnails")
+    with web_server.run_server(0, services.gateway, thumbnails=thumbnails) as (_, port):
+        yield Web(f"http://127.0.0.1:{port}", thumbnails)

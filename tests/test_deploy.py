@@ -10,7 +10,8 @@ import yaml
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
-SERVERS = {"services.index.server", "services.encoder.server", "services.gateway.server"}
+SERVERS = {"services.index.server", "services.encoder.server", "services.gateway.server", "services.web.server"}
+CLIENTS = {"services.gateway.server", "services.web.server"}  # no artifact of their own
 
 
 def parse_command(command: list[str]):
@@ -31,8 +32,12 @@ def test_compose_file_fits_together():
     words_host, words_port = gateway.index.split(":")
     assert parsed[words_host][1].indexes == "words" and int(words_port) == parsed[words_host][1].port
     assert gateway.encoder == f"dns:///encoder:{parsed['encoder'][1].port}"
+    _, web = parsed["web"]
+    assert web.gateway == f"gateway:{gateway.port}" and f"{web.port}:{web.port}" in services["web"]["ports"]
+    assert all(volume.endswith(":ro") for volume in services["web"]["volumes"])
+    assert f"../artifacts/live:{parsed['index-shard-0'][1].artifacts}/live:ro" in services["web"]["volumes"]
     for name, (module, args) in parsed.items():
-        if module != "services.gateway.server":
+        if module not in CLIENTS:
             assert any(volume.endswith(f":{args.artifacts}:ro") for volume in services[name]["volumes"])
         if name in shards.values():  # image shards write the live-update log
             assert f"../artifacts/live:{args.artifacts}/live" in services[name]["volumes"]
@@ -42,13 +47,15 @@ def test_kubernetes_manifests_fit_together():
     documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "semsearch.yaml").read_text()))
     kinds = {(d["kind"], d["metadata"]["name"]): d for d in documents}
     deployments = {name: d for (kind, name), d in kinds.items() if kind == "Deployment"}
-    assert len(deployments) == 6
+    assert len(deployments) == 7
     ports = {}
     for name, deployment in deployments.items():
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         module, args = parse_command(container["command"] + container["args"])
         ports[name] = args.port
-        assert container["ports"][0]["containerPort"] == args.port == container["readinessProbe"]["grpc"]["port"]
+        probe = container["readinessProbe"]
+        probed = probe["httpGet"]["port"] if module == "services.web.server" else probe["grpc"]["port"]
+        assert container["ports"][0]["containerPort"] == args.port == probed
         service = kinds[("Service", name)]
         assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
         assert service["spec"]["ports"][0]["targetPort"] == args.port
@@ -64,6 +71,11 @@ def test_kubernetes_manifests_fit_together():
                [args.encoder, args.index, *args.image_shard]]
     assert all(targets) and [t[1] for t in targets] == ["encoder", "index-words", "index-shard-0", "index-shard-1", "index-shard-2"]
     assert all(int(t[2]) == ports[t[1]] for t in targets)
+    (web,) = deployments["web"]["spec"]["template"]["spec"]["containers"]
+    _, web_args = parse_command(web["command"] + web["args"])
+    assert web_args.gateway == f"gateway.semsearch.svc.cluster.local:{ports['gateway']}"
+    assert web["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert all(mount.get("readOnly") for mount in web["volumeMounts"])
 
 
 @pytest.mark.parametrize("line", [l for l in (DEPLOY / "Dockerfile").read_text().splitlines() if l.startswith("COPY ")])

@@ -91,12 +91,17 @@ def test_added_images_survive_a_killed_index_and_deletes_stick(root, cifar):
             assert top.id == added and top.score > 0.999
             assert [hit.id for hit in client.similar(id=added, k=3)] == \
                    [hit.id for hit in client.similar(photo, k=4)][1:]
+            image = client.image(added)  # where the web service finds the added photo's bytes
+            assert image.label == "ship" and Path(image.path).read_bytes() == photo
             assert client.add_images([photo]) == [added]  # the same bytes again: same id, no duplicate
             assert [hit.id for hit in client.similar(photo, k=2)].count(added) == 1
             assert client.delete_images([added, before.id]) == 2
             with pytest.raises(grpc.RpcError) as error:
                 client.delete_images([before.id, "no/such.jpg"])
             assert error.value.code() == grpc.StatusCode.NOT_FOUND and "no/such.jpg" in error.value.details()
+            with pytest.raises(grpc.RpcError) as error:
+                client.image(added)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
         with index_process(root, index_port):
             ids = [hit.id for hit in _eventually(lambda: client.similar(photo, k=20))]
             assert added not in ids and before.id not in ids

@@ -80,6 +80,8 @@ def test_three_shards_answer_exactly_as_one(services, sharded_gateway):
         for image_id in ("ship/0003.jpg", "cat/0010.jpg"):
             assert [h.id for h in whole.similar(id=image_id, k=10)] == [h.id for h in sharded.similar(id=image_id, k=10)]
         assert [w.word for w in whole.words("said", k=5)] == [w.word for w in sharded.words("said", k=5)]
+        for image_id in ("ship/0003.jpg", "cat/0010.jpg", "truck/0042.jpg"):  # GetImage asks the owning shard
+            assert whole.image(image_id) == sharded.image(image_id)
 
 
 def test_a_shard_that_is_down_fails_the_query_by_name(sharded_gateway):

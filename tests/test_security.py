@@ -3,10 +3,14 @@ loopback. The CAs and certificates are made here with the openssl command line."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from services.gateway import cli
 from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.index import server as index_server
+from services.web import server as web_server
 from tests.conftest import Addresses
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
@@ -125,6 +130,28 @@ def test_the_cli_takes_a_ca_and_a_token(stack, pki, capsys):
     assert '"words"' in capsys.readouterr().out
     assert cli.main(["--gateway", stack.gateway, "--tls-ca", str(pki.ca), "words", "cat"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_the_web_service_speaks_https_and_passes_the_token_on_over_tls(stack, pki, tmp_path):
+    with web_server.run_server(0, stack.gateway, thumbnails=tmp_path, gateway_tls=pki.trusting(),
+                               tls_cert=str(pki.server[0]), tls_key=str(pki.server[1])) as (_, port):
+        https = ssl.create_default_context(cafile=str(pki.ca))
+
+        def get(path: str, headers: dict) -> tuple[int, dict]:
+            request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers)
+            try:
+                with urllib.request.urlopen(request, context=https, timeout=30) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        status, document = get("/api/search?q=dog&k=3", {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and len(document["results"]) == 3
+        assert get("/api/search?q=dog&k=3", {}) == (401, {"error": "missing credentials: send 'authorization: "
+                                                            "Bearer <token>' metadata", "code": "UNAUTHENTICATED"})
+        assert get("/healthz", {}) == (200, {"status": "SERVING"})
+        with pytest.raises(urllib.error.URLError):  # a client that does not trust our CA is refused
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ssl.create_default_context(), timeout=30)
 
 
 @pytest.mark.parametrize("service", ["gateway", "encoder", "index"])

@@ -152,6 +152,14 @@ def test_similar_by_id_leaves_the_query_out(stubs):
     assert len(results) == 5 and "ship/0000.jpg" not in [r.id for r in results]
 
 
+def test_get_image_says_where_an_indexed_image_is(stubs, cifar):
+    gateway, _, _ = stubs
+    image = gateway.GetImage(gateway_pb2.GetImageRequest(id="ship/0000.jpg"))
+    assert (image.id, image.label, image.path) == ("ship/0000.jpg", "ship", str(cifar / "train" / "ship" / "0000.jpg"))
+    assert status_of(gateway.GetImage, gateway_pb2.GetImageRequest(id="ship/nope.jpg"))[0] == grpc.StatusCode.NOT_FOUND
+    assert status_of(gateway.GetImage, gateway_pb2.GetImageRequest())[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
 class SlowEncoder(encoder_pb2_grpc.EncoderServicer):
     """A fake encoder that never answers in time (plumbing: deadlines and error mapping)."""
 

@@ -1,4 +1,5 @@
-"""Wait until services report SERVING on the standard health service (used by `make serve`)."""
+"""Wait until services report SERVING on the standard health service, or answer 200 on an HTTP health
+URL such as the web service's `http://host:port/healthz` (used by `make serve`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -14,7 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import security
 
 
+def http_status(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return "SERVING" if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except OSError as error:
+        return f"unreachable ({error})"
+
+
 def status(address: str, tls: security.ClientTls | None = None) -> str:
+    if address.startswith(("http://", "https://")):
+        return http_status(address)
     with security.channel(address, tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
@@ -42,7 +57,8 @@ def alive(pid_file: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("services", nargs="+", metavar="NAME=ADDRESS[@PIDFILE]")
+    parser.add_argument("services", nargs="+", metavar="NAME=ADDRESS[@PIDFILE]",
+                        help="ADDRESS: host:port (gRPC health) or an http(s):// health URL")
     parser.add_argument("--timeout", type=float, default=600.0)
     security.add_client_tls_arguments(parser, env_prefix="WAIT_", what="every service")
     args = parser.parse_args(argv)

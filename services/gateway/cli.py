@@ -15,12 +15,14 @@ from services.gateway import gallery
 from services.gateway.client import DEFAULT_ADDRESS, Client, ImageHit, WordHit
 
 
-def _image_json(query: str, hits: list[ImageHit]) -> dict:
+def image_json(query: str, hits: list[ImageHit]) -> dict:
+    """The `--json` document of search and similar (also the web API's)."""
     return {"query": query, "results": [
         {"id": h.id, "path": h.path, "label": h.label, "score": round(h.score, 6)} for h in hits]}
 
 
-def _word_json(key: str, hits: list[WordHit]) -> dict:
+def word_json(key: str, hits: list[WordHit]) -> dict:
+    """The `--json` document of tag ("tags") and words ("words")."""
     return {key: [{"word": h.word, "score": round(h.score, 6)} for h in hits]}
 
 
@@ -91,15 +93,15 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, str]:
     """(JSON document, readable table, HTML page) for the parsed command."""
     if args.command == "search":
         hits = client.search(args.query, k=args.k, min_score=args.min_score)
-        return _image_json(args.query, hits), _image_table(hits), gallery.render(f"search: {args.query}", hits)
+        return image_json(args.query, hits), _image_table(hits), gallery.render(f"search: {args.query}", hits)
     if args.command == "similar":
         hits = client.similar(_read_image(args.image), k=args.k, min_score=args.min_score)
         page = gallery.render(f"similar to {args.image}", hits, query_image=args.image)
-        return _image_json(args.image, hits), _image_table(hits), page
+        return image_json(args.image, hits), _image_table(hits), page
     if args.command == "tag":
         hits = client.tag(_read_image(args.image), k=args.k, mode=args.mode)
         page = gallery.render(f"tags for {args.image}", words=hits, query_image=args.image)
-        return _word_json("tags", hits), _word_table(hits), page
+        return word_json("tags", hits), _word_table(hits), page
     if args.command == "add":
         ids = client.add_images([_read_image(path) for path in args.images], [args.label] * len(args.images))
         return {"added": [{"file": path, "id": i} for path, i in zip(args.images, ids)]}, "\n".join(
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, str]:
         deleted = client.delete_images(args.ids)
         return {"deleted": deleted}, f"deleted {deleted} image(s)", ""
     hits = client.words(args.word, k=args.k)
-    return _word_json("words", hits), _word_table(hits), gallery.render(f"words like {args.word}", words=hits)
+    return word_json("words", hits), _word_table(hits), gallery.render(f"words like {args.word}", words=hits)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-
 
 from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import security
@@ -81,6 +81,17 @@ class Client:
     def delete_images(self, ids: list[str]) -> int:
         """Remove images by id; NOT_FOUND (and nothing removed) when any id is unknown."""
         return self.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=ids), timeout=self.timeout).deleted
+
+    def image(self, id: str) -> ImageHit:
+        """One indexed image by id (score 0): where its file is and its label."""
+        r = self.stub.GetImage(gateway_pb2.GetImageRequest(id=id), timeout=self.timeout)
+        return ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score)
+
+    def with_token(self, token: str | None) -> "Client":
+        """A client on this one's channel (no new connection) that sends `token` instead; close only this one."""
+        other = copy.copy(self)
+        other.stub = gateway_pb2_grpc.GatewayStub(security.with_token(self.channel, token))
+        return other
 
     def close(self) -> None:
         self.channel.close()

@@ -152,6 +152,15 @@ class Downstream:
         except grpc.RpcError as error:
             self._fail(error, self._shard_name(number), context)
 
+    def image_items(self, ids: list[str], context) -> list[index_pb2.Item]:
+        """Indexed images' items (id, path, label), in order, from the processes that hold them."""
+        found: dict[str, index_pb2.Item] = {}
+        for name, stub, positions in self.image_stubs(ids):
+            answer = self.call_named(name, stub.GetVectors, index_pb2.GetVectorsRequest(
+                index="images", ids=[ids[p] for p in positions]), context)
+            found.update((item.id, item) for item in answer.items)
+        return [found[item_id] for item_id in ids]
+
     def image_stubs(self, ids: list[str]) -> list[tuple[str, object, list[int]]]:
         """(name, stub, positions in `ids`) of each image-index process that owns some of `ids`."""
         if not self.shards:

@@ -144,6 +144,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ids=[ids[p] for p in positions]), context).deleted
         return gateway_pb2.DeleteImagesResponse(deleted=deleted)
 
+    def GetImage(self, request, context):
+        if not request.id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "GetImage needs an image id")
+        (item,) = self.downstream.image_items([request.id], context)
+        return gateway_pb2.ImageResult(id=item.id, path=item.path, label=item.label if item.HasField("label") else None)
+
     def _on_one_version(self, attempt, context):
         """Run `attempt(version)` ("" first: whatever is current) until encoder and index agree.
 

@@ -135,10 +135,16 @@ class VectorIndex:
         return len(self.items)
 
     def vector_of(self, item_id: str) -> np.ndarray:
+        return self.vectors[self._row(item_id)]
+
+    def item_of(self, item_id: str) -> Item:
+        return self.items[self._row(item_id)]
+
+    def _row(self, item_id: str) -> int:
         row = self._rows.get(item_id)
         if row is None:
             raise UnknownId(f"no item {item_id!r} in index {self.name!r}")
-        return self.vectors[row]
+        return row
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
         """Top k by cosine similarity, best first; `exclude` ids are left out."""
@@ -249,6 +255,9 @@ class ShardedIndex:
 
     def vector_of(self, item_id: str) -> np.ndarray:
         return self.shards[shard_of(item_id, len(self.shards))].vector_of(item_id)
+
+    def item_of(self, item_id: str) -> Item:
+        return self.shards[shard_of(item_id, len(self.shards))].item_of(item_id)
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
         return merge([shard.search(query, k, min_score, exclude) for shard in self.shards], k)

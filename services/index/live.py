@@ -276,6 +276,14 @@ class LiveImages:
             return delta.vectors[delta.rows[item_id]]
         return self.base.vector_of(item_id)
 
+    def item_of(self, item_id: str) -> Item:
+        delta = self._delta
+        if item_id in delta.deleted:
+            raise UnknownId(f"no item {item_id!r} in index {self.name!r} (it was deleted)")
+        if item_id in delta.rows:
+            return delta.items[delta.rows[item_id]]
+        return self.base.item_of(item_id)
+
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
         check_k(k)
         check_min_score(min_score)

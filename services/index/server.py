@@ -80,10 +80,12 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         try:
             index = indexes.get(request.index)
             vectors = [index.vector_of(item_id) for item_id in request.ids]
+            items = [index.item_of(item_id) for item_id in request.ids]
         except (UnknownIndex, UnknownId) as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         return index_pb2.GetVectorsResponse(vectors=[index_pb2.FloatVector(values=v.tolist()) for v in vectors],
-                                            artifact_version=indexes.version)
+                                            artifact_version=indexes.version,
+                                            items=[index_pb2.Item(id=i.id, path=i.path, label=i.label) for i in items])
 
     def AddImages(self, request, context):
         indexes: IndexSet = self.loading.get(context, request.artifact_version, current_only=True)

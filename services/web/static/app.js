@@ -1,0 +1,217 @@
+// The search page: talks to the JSON API of the same server; the query lives in the URL.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MAX_K = 1000;
+const TOKEN_COOKIE = "semsearch_token";
+let view = null;  // what the grid shows: {title ("for “dog”"), fetch(k) -> top k results, shown}
+
+class ApiError extends Error {
+  constructor(message, code, status) { super(message); this.code = code; this.status = status; }
+}
+
+async function api(url, options = {}) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON: a proxy's page, say */ }
+  if (!response.ok) {
+    throw new ApiError(body?.error || `${response.status} ${response.statusText}`, body?.code || "HTTP", response.status);
+  }
+  return body;
+}
+
+function pageSize() {
+  const k = parseInt($("k").value, 10);
+  return Number.isFinite(k) ? Math.min(Math.max(k, 1), MAX_K) : 24;
+}
+
+function minScoreParam() {
+  const value = $("min-score").value.trim();
+  return value === "" ? "" : `&min_score=${encodeURIComponent(value)}`;
+}
+
+function imageUrl(id, thumbnail) {
+  return "/api/images/" + id.split("/").map(encodeURIComponent).join("/") + (thumbnail ? "/thumbnail" : "");
+}
+
+function showError(error) {
+  if (error.status === 401) {
+    $("token-form").hidden = false;
+  }
+  const message = $("message");
+  message.textContent = error instanceof ApiError ? `${error.message} (${error.code})` : `Something went wrong: ${error.message}`;
+  message.hidden = false;
+}
+
+function clearMessages() {
+  $("message").hidden = true;
+  $("token-form").hidden = true;
+}
+
+function setUrl(params) {
+  const search = new URLSearchParams(params);
+  if (pageSize() !== 24) search.set("k", pageSize());
+  if ($("min-score").value.trim() !== "") search.set("min_score", $("min-score").value.trim());
+  const url = search.toString() ? `/?${search}` : "/";
+  if (url !== location.pathname + location.search) history.pushState(null, "", url);
+}
+
+function card(hit) {
+  const figure = document.createElement("figure");
+  figure.className = "card";
+  figure.tabIndex = 0;
+  figure.title = `${hit.id}: photos like this one`;
+  figure.dataset.id = hit.id;
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.alt = hit.label || hit.id;
+  img.src = imageUrl(hit.id, true);
+  const caption = document.createElement("figcaption");
+  const label = document.createElement("span");
+  label.className = "label";
+  label.textContent = hit.label || "-";
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score.toFixed(3);
+  caption.append(label, score);
+  figure.append(img, caption);
+  const open = () => similarToId(hit.id, hit.label);
+  figure.addEventListener("click", open);
+  figure.addEventListener("keydown", (event) => { if (event.key === "Enter") open(); });
+  return figure;
+}
+
+function chip(word, score, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "chip";
+  const text = document.createElement("span");
+  text.className = "word";
+  text.textContent = word;
+  const small = document.createElement("small");
+  small.textContent = score.toFixed(2);
+  button.append(text, small);
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+// Shows `view` from scratch, then one more page on each "More": the gateway has no offsets, so a page
+// asks for the top (shown + page size) and appends the ones not shown yet.
+async function show(newView) {
+  view = {...newView, shown: 0};
+  $("grid").replaceChildren();
+  $("more").hidden = true;
+  $("status").textContent = "Searching…";
+  await more();
+}
+
+async function more() {
+  const current = view;
+  const asked = Math.min(current.shown + pageSize(), MAX_K);
+  let results;
+  try {
+    results = await current.fetch(asked);
+  } catch (error) {
+    if (current === view) { $("status").textContent = ""; showError(error); }
+    return;
+  }
+  if (current !== view) return;  // a newer query replaced this one
+  const fresh = results.slice(current.shown);
+  $("grid").append(...fresh.map(card));
+  current.shown = results.length;
+  const done = results.length < asked || asked >= MAX_K;
+  $("more").hidden = done;
+  $("status").textContent = results.length === 0 ? `No photos ${current.title}.`
+    : `${results.length} photos ${current.title}${done ? "" : "; More shows the next " + pageSize()}.`;
+}
+
+function search(q, push = true) {
+  clearMessages();
+  $("query").hidden = true;
+  $("q").value = q;
+  if (push) setUrl({q});
+  return show({title: `for “${q}”`, fetch: async (k) =>
+    (await api(`/api/search?q=${encodeURIComponent(q)}&k=${k}${minScoreParam()}`)).results});
+}
+
+function similarToId(id, label, push = true) {
+  clearMessages();
+  if (push) setUrl({similar: id});
+  $("query").hidden = false;
+  $("query-photo").src = imageUrl(id, true);
+  $("query-title").textContent = `Photos like ${id}${label ? " (" + label + ")" : ""}`;
+  $("tags").replaceChildren();
+  window.scrollTo(0, 0);
+  return show({title: `like ${id}`, fetch: async (k) => (await api(`/api/similar?k=${k}${minScoreParam()}`, {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({id})})).results});
+}
+
+async function upload(file) {
+  clearMessages();
+  setUrl({});
+  $("query").hidden = false;
+  $("query-photo").src = URL.createObjectURL(file);
+  $("query-title").textContent = `Tags for ${file.name}`;
+  $("tags").replaceChildren();
+  const form = () => { const data = new FormData(); data.append("image", file); return data; };
+  const tagging = api("/api/tag?k=8", {method: "POST", body: form()}).then((answer) => {
+    $("tags").replaceChildren(...answer.tags.map((t) => chip(t.word, t.score, () => search(t.word))));
+  }, showError);
+  await Promise.all([tagging, show({title: `like ${file.name}`, fetch: async (k) =>
+    (await api(`/api/similar?k=${k}${minScoreParam()}`, {method: "POST", body: form()})).results})]);
+}
+
+async function similarWords(word, push = true) {
+  clearMessages();
+  $("word").value = word;
+  if (push) setUrl({word});
+  try {
+    const answer = await api(`/api/words?word=${encodeURIComponent(word)}&k=12`);
+    $("words-title").textContent = `Words like “${word}”`;
+    $("word-list").replaceChildren(...answer.words.map((w) => chip(w.word, w.score, () => search(w.word))));
+    $("words").hidden = false;
+  } catch (error) {
+    showError(error);
+  }
+}
+
+function fromUrl() {
+  const params = new URLSearchParams(location.search);
+  if (params.has("k")) $("k").value = params.get("k");
+  if (params.has("min_score")) $("min-score").value = params.get("min_score");
+  if (params.get("q")) search(params.get("q"), false);
+  else if (params.get("similar")) similarToId(params.get("similar"), null, false);
+  if (params.get("word")) similarWords(params.get("word"), false);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const q = $("q").value.trim();
+    if (q) search(q); else showError(new ApiError("Type one or more words, e.g. cat sofa", "INVALID_ARGUMENT", 400));
+  });
+  $("words-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const word = $("word").value.trim();
+    if (word) similarWords(word);
+  });
+  $("more").addEventListener("click", more);
+  $("upload").addEventListener("change", () => { if ($("upload").files[0]) upload($("upload").files[0]); });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) upload(file);
+  });
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const secure = location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = `${TOKEN_COOKIE}=${encodeURIComponent($("token").value.trim())}; path=/; SameSite=Strict${secure}`;
+    location.reload();
+  });
+  window.addEventListener("popstate", fromUrl);
+  fromUrl();
+});
