@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,11 @@ def train_options(data: Path, artifacts: Path, cache: Path, **overrides) -> Opti
 @pytest.fixture(scope="session")
 def artifact_root(tmp_path_factory, ray_runtime, cache_dir, cifar) -> Path:
     """A real artifact: EfficientNet-Lite0 + GloVe 6B 50d, head trained on 100 photos per class, with the
-    quality extras (softmax baseline, zero-shot head, modes chosen on validation) that other runs skip."""
+    quality extras (softmax baseline, zero-shot head, modes chosen on validation) that other runs skip.
+
+    While developing, SEMSEARCH_TEST_ARTIFACTS=DIR reuses an artifact root trained before (read-only)."""
+    if os.environ.get("SEMSEARCH_TEST_ARTIFACTS"):
+        return Path(os.environ["SEMSEARCH_TEST_ARTIFACTS"])
     root = tmp_path_factory.mktemp("artifacts")
     run(train_options(cifar / "train", root, cache_dir, quality=True))
     return root

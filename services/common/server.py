@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import artifact, security
+from services.common.limits import CallLimits, Limits
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ GRACE_SECONDS = 5.0
 VERSION_METADATA = "semsearch-artifact-version"
 PREVIOUS_GRACE_SECONDS = 60.0
 RELOAD_SECONDS = 2.0
+MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 1 << 20
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters
 
 
 class Loading:
@@ -88,28 +93,31 @@ def grpc_server(
     port: int,
     add_servicers: Callable[[grpc.Server], list[str]],
     host: str = "127.0.0.1",
-    max_workers: int = 16,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     tls: security.ServerTls | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    limits: Limits | None = None,
 ) -> Iterator[tuple[grpc.Server, int, health.HealthServicer]]:
     """Start a server with the given servicers, health (NOT_SERVING) and reflection; stop it on exit.
 
     `add_servicers` registers the servicers and returns their full service names. With `tls` the port
-    speaks TLS only (mutual TLS when it names a client CA); `interceptors` run before every handler.
+    speaks TLS only (mutual TLS when it names a client CA); `interceptors` (authentication) run before
+    every handler, then the call limits (see `services.common.limits`).
     """
+    limits = limits or Limits()
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         interceptors=list(interceptors))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=options,
+                         interceptors=[*interceptors, CallLimits(limits)], maximum_concurrent_rpcs=limits.max_open)
     names = add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if limits.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = security.add_port(server, host, port, tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
@@ -133,6 +141,7 @@ def serve_when_loaded(
     on_load_failure: Callable[[BaseException], None] | None = None,
     tls: security.ServerTls | None = None,
     reload_seconds: float = RELOAD_SECONDS,
+    limits: Limits | None = None,
 ) -> Iterator[tuple[grpc.Server, int]]:
     """A server whose core loads in the background: UNAVAILABLE and NOT_SERVING until it has.
 
@@ -147,7 +156,7 @@ def serve_when_loaded(
         return [service]
 
     stop = threading.Event()
-    with grpc_server(port, add, host=host, tls=tls) as (server, bound, health_servicer):
+    with grpc_server(port, add, host=host, tls=tls, limits=limits) as (server, bound, health_servicer):
         follower = threading.Thread(
             target=follow_artifacts, name=f"load-{loading.name}", daemon=True,
             args=(loading, artifacts, load, lambda: set_serving(health_servicer, [service], True),
@@ -211,13 +220,30 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
 
 
 def start_entry_point(service: str, artifacts: str | None = None) -> None:
-    """What every service's main() does first: log to stderr, and fail fast without an artifact."""
+    """What every service's main() does first: log to stderr, few malloc arenas, fail fast without an artifact."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas()
     if artifacts is not None:
         try:
             artifact.resolve(artifacts)
         except artifact.ArtifactError as error:
             sys.exit(f"{service}: {error}")
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """glibc gives each busy thread its own heap and, once a large block is freed, serves blocks of
+    that size from the heaps too, where freed image buffers stay resident: with 20 worker threads a
+    few concurrent large decodes would leave hundreds of MB behind. Before any worker starts, cap the
+    heaps and keep large blocks (decoded images) in their own mappings, returned when freed, as
+    MALLOC_ARENA_MAX and MALLOC_MMAP_THRESHOLD_ would (either variable, when set, wins)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            libc.mallopt(M_ARENA_MAX, arenas)
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def wait_for_signal(stop: threading.Event) -> None:
