@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 BRUTE_FORCE_BELOW = 20_000
+EXCLUDE_SLACK = 16  # extra neighbours fetched when some ids are excluded
 
 
 class InvalidQuery(ValueError):
@@ -141,25 +142,32 @@ class VectorIndex:
         return self.vectors[row]
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
-        """Top k by cosine similarity, best first; `exclude` ids are left out."""
+        """Top k by cosine similarity, best first; `exclude` ids are left out.
+
+        Excluded ids cost what they take from the top, not what they number: the search fetches a
+        little more than k and fetches again, 4x deeper, only while excluded hits leave it short.
+        """
         check_k(k)
         check_min_score(min_score)
         query = unit_query(query, self.dimension)
-        wanted = min(k + len(exclude), len(self.items))
-        if wanted == 0:
-            return []
+        wanted = min(k + min(len(exclude), max(k, EXCLUDE_SLACK)), len(self.items))
+        while wanted > 0:
+            rows, scores = self._nearest(query, wanted)
+            hits = [Hit(self.items[row], float(score)) for row, score in zip(rows, scores)
+                    if self.items[row].id not in exclude]
+            if min_score is not None:
+                hits = [hit for hit in hits if hit.score >= min_score]
+            below = min_score is not None and len(scores) and scores[-1] < min_score
+            if len(hits) >= k or below or wanted >= len(self.items) or len(rows) < wanted:
+                return hits[:k]
+            wanted = min(4 * wanted, len(self.items))
+        return []
+
+    def _nearest(self, query: np.ndarray, wanted: int):
         if self.config.method == "brute_force":
-            rows, scores = self._searcher.search(query, final_num_neighbors=wanted)
-        else:
-            rows, scores = self._searcher.search(
-                query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted)
-            )
-        hits = [Hit(self.items[row], float(score)) for row, score in zip(rows, scores)]
-        if exclude:
-            hits = [hit for hit in hits if hit.item.id not in exclude]
-        if min_score is not None:
-            hits = [hit for hit in hits if hit.score >= min_score]
-        return hits[:k]
+            return self._searcher.search(query, final_num_neighbors=wanted)
+        return self._searcher.search(
+            query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted))
 
     def save(self, directory: Path) -> None:
         (directory / "scann").mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ LOG_NAME = "images.log"
 IMAGES_DIR = "images"
 ID_PREFIX = "added/"
 _ID = re.compile(r"added/[0-9a-f]{24}")
+_FILE = re.compile(IMAGES_DIR + r"/[0-9a-f]{64}")
 
 
 def image_id(data: bytes) -> str:
@@ -111,11 +112,12 @@ class LiveLog:
         end = data.rfind(b"\n") + 1
         entries = []
         for line in data[:end].splitlines():
+            if not line.strip():
+                continue
             try:
                 entries.append(_entry_of(json.loads(line)))
-            except (ValueError, KeyError):
-                if line.strip():
-                    log.warning("%s: skipping a torn line (a write that never returned): %.80r", self.path, line)
+            except ValueError as error:  # one bad line must not stop every replica from starting
+                log.warning("%s: skipping a line that is not a log entry (%s): %.80r", self.path, error, line)
         return entries, offset + end
 
 
@@ -136,9 +138,23 @@ def _entry_dict(entry: Entry) -> dict:
     return data
 
 
-def _entry_of(data: dict) -> Entry:
-    return Entry(op=data["op"], id=data["id"], label=data.get("label"), file=data.get("file", ""),
-                 vector=tuple(data.get("vector", ())), space=data.get("space", ""))
+def _entry_of(data) -> Entry:
+    """A parsed line -> an Entry; ValueError for a torn write or anything not of the expected shape."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    op, item_id, label = data.get("op"), data.get("id"), data.get("label")
+    if op not in ("add", "delete") or not isinstance(item_id, str) or not item_id:
+        raise ValueError("needs 'op' (add or delete) and a string 'id'")
+    if op == "delete":
+        return Entry(op, item_id)
+    file, vector, space = data.get("file"), data.get("vector"), data.get("space")
+    if not (isinstance(file, str) and isinstance(space, str) and (label is None or isinstance(label, str))
+            and isinstance(vector, list) and vector
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector)):
+        raise ValueError("an add needs a string 'file' and 'space', a list of numbers 'vector', a string or no 'label'")
+    if not _ID.fullmatch(item_id) or not _FILE.fullmatch(file):
+        raise ValueError("an add needs an 'added/' content id and a file in images/")
+    return Entry(op, item_id, label, file, tuple(float(v) for v in vector), space)
 
 
 def membership(artifact_root: Path) -> tuple[dict[str, Entry], set[str]]:
@@ -207,10 +223,11 @@ class LiveImages:
     def refresh(self) -> int:
         """Apply what the log gained since the last call; returns how many entries that was."""
         with self._lock:
-            entries, self._offset = self.log.read(self._offset)
+            entries, offset = self.log.read(self._offset)
             mine = [e for e in entries if self.shard is None or shard_of(e.id, self.shard[1]) == self.shard[0]]
             if mine:
                 self._apply(mine)
+            self._offset = offset  # only once applied: a failure re-reads the same entries next time
             return len(mine)
 
     def _apply(self, entries: list[Entry]) -> None:
@@ -221,7 +238,8 @@ class LiveImages:
             if entry.op == "delete":
                 added.pop(entry.id, None)
                 self.pending.discard(entry.id)
-                deleted.add(entry.id)
+                if self._in_base(entry.id):  # only the artifact's own images need hiding
+                    deleted.add(entry.id)
                 continue
             deleted.discard(entry.id)
             if self._in_base(entry.id):
@@ -280,14 +298,27 @@ class LiveImages:
         check_k(k)
         check_min_score(min_score)
         delta = self._delta
-        hidden = set(exclude) | delta.deleted
+        hidden = _Either(delta.deleted, exclude) if exclude else delta.deleted  # no per-query copy of the deletes
         base_hits = self.base.search(query, k, min_score, hidden)
         if not delta.items:
             return base_hits
         scores = delta.vectors @ unit_query(query, self.dimension)
-        delta_hits = [Hit(delta.items[row], float(scores[row])) for row in np.argsort(-scores)[:k + len(hidden)]
+        delta_hits = [Hit(delta.items[row], float(scores[row])) for row in np.argsort(-scores)
                       if delta.items[row].id not in hidden and (min_score is None or scores[row] >= min_score)]
-        return merge([base_hits, delta_hits], k)
+        return merge([base_hits, delta_hits[:k]], k)
+
+
+class _Either:
+    """Membership in either of two collections, without building their union."""
+
+    def __init__(self, first: Collection[str], second: Collection[str]):
+        self.first, self.second = first, second
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.first or item in self.second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
 
 
 def space_of(manifest: dict) -> str:
