@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import artifact, security
+from services.common.errors import quoted
 from services.common.limits import CallLimits, Limits
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRACE_SECONDS = 5.0
 VERSION_METADATA = "semsearch-artifact-version"
-PREVIOUS_GRACE_SECONDS = 60.0
+RETRY_SECONDS_MAX = 60.0
 RELOAD_SECONDS = 2.0
 MALLOC_ARENAS = 2
 MMAP_THRESHOLD = 1 << 20
@@ -37,17 +38,16 @@ class Loading:
     """A service's core, one per artifact version: UNAVAILABLE until the first has loaded.
 
     On an artifact switch the new core replaces the current one whole (never half-loaded), and the
-    one before stays answerable for `grace_seconds`, so that a caller (the gateway) can keep the
-    encoder and the index on one version while each switches in its own time.
+    one before stays answerable until the next switch, so that a caller (the gateway) keeps the
+    encoder and the index on one version however late the other one loads (or while it retries a
+    failed load). That costs the memory of a second version, never of a third.
     """
 
-    def __init__(self, name: str, grace_seconds: float = PREVIOUS_GRACE_SECONDS):
+    def __init__(self, name: str):
         self.name = name
         self.core = None
         self.error: BaseException | None = None
-        self.grace_seconds = grace_seconds
         self._previous = None
-        self._previous_until = 0.0
 
     def get(self, context: grpc.ServicerContext, version: str = "", current_only: bool = False):
         """The current core, or the one of `version`; FAILED_PRECONDITION naming ours if we lack it.
@@ -56,28 +56,20 @@ class Loading:
         """
         core = self.core
         if core is None:
-            reason = f"failed to load: {self.error}" if self.error else "still loading"
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is {reason}")
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"{self.name} {'failed to load its artifact' if self.error else 'is still loading'}")
         if not version or version == core.version:
             return core
         previous = self._previous
-        if (not current_only and previous is not None and previous.version == version
-                and time.monotonic() < self._previous_until):
+        if not current_only and previous is not None and previous.version == version:
             return previous
         context.set_trailing_metadata(((VERSION_METADATA, core.version),))
         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"{self.name} serves artifact {core.version}, not {version}")
-
-    def drop_expired(self) -> None:
-        """Free the previous version once its grace period is over."""
-        if self._previous is not None and time.monotonic() >= self._previous_until:
-            self._previous = None
+                      f"{self.name} serves artifact {core.version}, not {quoted(version)}")
 
     def install(self, core) -> None:
-        """Make `core` current; the current one becomes the previous, kept for the grace period."""
-        if self.core is not None:
-            self._previous, self._previous_until = self.core, time.monotonic() + self.grace_seconds
-        self.core = core
+        """Make `core` current; the current one becomes the previous, kept until the next switch."""
+        self._previous, self.core = self.core, core
         _refresh(core)
 
 
@@ -187,7 +179,8 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
                      reload_seconds: float, stop: threading.Event) -> None:
     """Load the current version (health turns SERVING), then switch to each newly published one.
 
-    A new version that fails to load is logged and skipped; the serving one goes on answering.
+    A new version that fails to load is logged, and tried again after a back-off that doubles from
+    `reload_seconds` up to RETRY_SECONDS_MAX; the serving one goes on answering meanwhile.
     """
     try:
         loaded = artifact.resolve(artifacts)
@@ -200,23 +193,25 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
             on_failure(error)
         return
     failed: Path | None = None
+    failures, retry_at = 0, 0.0
     while reload_seconds > 0 and not stop.wait(reload_seconds):
         directory = None
         try:
             directory = artifact.resolve(artifacts)
-            if directory not in (loaded, failed):
+            if directory != loaded and (directory != failed or time.monotonic() >= retry_at):
                 log.info("%s: artifact %s published; loading it beside %s", loading.name, directory.name,
                          loading.core.version)
                 loading.install(load(directory))
-                loaded = directory
+                loaded, failed, failures = directory, None, 0
                 log.info("%s: now serving artifact %s", loading.name, directory.name)
             else:
-                loading.drop_expired()
                 _refresh(loading.core)
-        except Exception:  # the serving version stays; this one is not retried until another replaces it
+        except Exception:  # the serving version stays; this one is tried again after a back-off
+            failures = failures + 1 if directory == failed else 1
             failed = directory
-            log.exception("%s: could not load artifact %s or apply the live log; still serving %s",
-                          loading.name, directory, loading.core.version)
+            retry_at = time.monotonic() + min(reload_seconds * 2 ** failures, RETRY_SECONDS_MAX)
+            log.exception("%s: could not load artifact %s or apply the live log (attempt %d); still serving %s",
+                          loading.name, directory, failures, loading.core.version)
 
 
 def start_entry_point(service: str, artifacts: str | None = None) -> None:

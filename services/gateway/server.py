@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 MAX_K = 1000
 MAX_ADD = 64
-VERSION_ATTEMPTS = 6
+VERSION_ATTEMPTS = 3  # "" (current), then the version a refusal named, once more if a switch intervened
 VERSION_RETRY_PAUSE = 0.1
 DEFAULT_TIMEOUT = 10.0
 HEALTH_POLL_SECONDS = 1.0
@@ -116,6 +116,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if len(request.images) > MAX_ADD:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{len(request.images)} images in one call; the limit is {MAX_ADD}")
+        long = [image.label for image in request.images if image.HasField("label") and len(image.label) > live.MAX_LABEL_CHARS]
+        if long:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"a label is {len(long[0])} characters; the limit is {live.MAX_LABEL_CHARS}")
         ids = [live.image_id(image.image) for image in request.images]
 
         def attempt(version: str) -> None:
@@ -155,11 +159,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """
         version, tried = "", set()
         for number in range(VERSION_ATTEMPTS):
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                break  # the caller has given up: no more downstream calls for it
             try:
                 return attempt(version)
             except VersionMismatch as mismatch:
-                if mismatch.version in tried:
-                    time.sleep(VERSION_RETRY_PAUSE * number)  # both sides are mid-switch: give them a moment
+                if mismatch.version in tried:  # both sides are mid-switch: give them a moment
+                    time.sleep(min(VERSION_RETRY_PAUSE * number, max(0.0, (remaining or 1.0) / 2)))
                 tried.add(version := mismatch.version)
         context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder and the index are switching artifact versions; retry")
 

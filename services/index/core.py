@@ -17,6 +17,8 @@ from typing import Collection
 import numpy as np
 import scann
 
+from services.common.errors import quoted
+
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
@@ -138,7 +140,7 @@ class VectorIndex:
     def vector_of(self, item_id: str) -> np.ndarray:
         row = self._rows.get(item_id)
         if row is None:
-            raise UnknownId(f"no item {item_id!r} in index {self.name!r}")
+            raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r}")
         return self.vectors[row]
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
@@ -309,5 +311,5 @@ class IndexSet:
     def get(self, name: str) -> VectorIndex | ShardedIndex:
         index = self.indexes.get(name)
         if index is None:
-            raise UnknownIndex(f"no index named {name!r}; there are: {', '.join(sorted(self.indexes))}")
+            raise UnknownIndex(f"no index named {quoted(name)}; there are: {', '.join(sorted(self.indexes))}")
         return index

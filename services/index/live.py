@@ -26,6 +26,7 @@ from typing import Collection
 import numpy as np
 
 from services.common import artifact
+from services.common.errors import listed, quoted
 from services.index.core import Hit, InvalidQuery, Item, UnknownId, check_k, check_min_score, merge, shard_of, unit_query
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ LIVE_DIR = "live"
 LOG_NAME = "images.log"
 IMAGES_DIR = "images"
 ID_PREFIX = "added/"
+MAX_LABEL_CHARS = 100
 _ID = re.compile(r"added/[0-9a-f]{24}")
 _FILE = re.compile(IMAGES_DIR + r"/[0-9a-f]{64}")
 
@@ -259,8 +261,8 @@ class LiveImages:
 
     def add(self, images: list[tuple[str, bytes, list[float], str | None]]) -> list[str]:
         """(id, bytes, vector, label) each: checked, stored, logged durably, applied; returns the ids."""
-        for item_id, data, vector, _ in images:
-            check_new_image(item_id, data, vector, self.dimension)
+        for item_id, data, vector, label in images:
+            check_new_image(item_id, data, vector, self.dimension, label)
             self._check_shard(item_id)
         entries = [Entry("add", item_id, label, self.log.store_image(data),
                          tuple(float(v) for v in unit_query(vector, self.dimension)), self.space)
@@ -273,8 +275,7 @@ class LiveImages:
         """Delete every id, or none: UnknownId names those not in the index."""
         unknown = [item_id for item_id in ids if not self.contains(item_id)]
         if unknown:
-            raise UnknownId(f"no image {', '.join(map(repr, unknown[:5]))} in index {self.name!r}"
-                            + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "") + "; nothing deleted")
+            raise UnknownId(f"no image {listed(unknown, 5)} in index {self.name!r}; nothing deleted")
         for item_id in ids:
             self._check_shard(item_id)
         self.log.append([Entry("delete", item_id) for item_id in dict.fromkeys(ids)])
@@ -283,13 +284,13 @@ class LiveImages:
 
     def _check_shard(self, item_id: str) -> None:
         if self.shard is not None and shard_of(item_id, self.shard[1]) != self.shard[0]:
-            raise InvalidQuery(f"image {item_id!r} belongs to shard {shard_of(item_id, self.shard[1])} "
+            raise InvalidQuery(f"image {quoted(item_id)} belongs to shard {shard_of(item_id, self.shard[1])} "
                                f"of {self.shard[1]}, not to this one ({self.shard[0]})")
 
     def vector_of(self, item_id: str) -> np.ndarray:
         delta = self._delta
         if item_id in delta.deleted:
-            raise UnknownId(f"no item {item_id!r} in index {self.name!r} (it was deleted)")
+            raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r} (it was deleted)")
         if item_id in delta.rows:
             return delta.vectors[delta.rows[item_id]]
         return self.base.vector_of(item_id)
@@ -326,10 +327,13 @@ def space_of(manifest: dict) -> str:
     return f"{manifest['word_vectors']['source']}:{manifest['dimension']}"
 
 
-def check_new_image(item_id: str, data: bytes, vector, dimension: int) -> None:
-    """InvalidQuery unless the id is the bytes' content id and the vector is a finite one of the index's dimension."""
+def check_new_image(item_id: str, data: bytes, vector, dimension: int, label: str | None = None) -> None:
+    """InvalidQuery unless the id is the bytes' content id, the vector a finite one of the index's
+    dimension and the label (if any) at most MAX_LABEL_CHARS long."""
+    if label is not None and len(label) > MAX_LABEL_CHARS:
+        raise InvalidQuery(f"a label is {len(label)} characters; the limit is {MAX_LABEL_CHARS}")
     if not data:
         raise InvalidQuery("an added image needs its bytes")
     if not _ID.fullmatch(item_id) or item_id != image_id(data):
-        raise InvalidQuery(f"id {item_id!r} is not the content id of the image bytes ({image_id(data)})")
+        raise InvalidQuery(f"id {quoted(item_id)} is not the content id of the image bytes ({image_id(data)})")
     unit_query(vector, dimension)
