@@ -1,4 +1,5 @@
-"""Wait until services report SERVING on the standard health service (used by `make serve`)."""
+"""Wait until services report SERVING on the standard health service (used by `make serve` and as a
+readiness probe in the deploy examples)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,16 @@ def alive(pid_file: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("services", nargs="+", metavar="NAME=ADDRESS[@PIDFILE]")
     parser.add_argument("--timeout", type=float, default=600.0)
     security.add_client_tls_arguments(parser, env_prefix="WAIT_", what="every service")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     tls = security.or_exit("wait_ready", security.client_tls_from_args, args)
     pending = {}
     for spec in args.services:
