@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import threading
 import sys
 import time
 
@@ -154,3 +155,62 @@ def test_two_replicas_appending_at_once_lose_no_entry(tmp_path):
     expected = {live.image_id(f"{name}-{n}".encode()) for name in ("a", "b") for n in range(count)}
     assert len(entries) == 2 * count and {e.id for e in entries} == expected
     assert all(len(e.vector) == 300 for e in entries)
+
+
+def test_deleted_images_take_their_bytes_with_them(vectors, tmp_path):
+    images = live.LiveImages(base_index(vectors[:10]), tmp_path, SPACE)
+    kept, gone = b"kept image", b"deleted image"
+    ids = images.add([(live.image_id(d), d, vectors[20 + i], "cat") for i, d in enumerate((kept, gone))])
+    images.delete([ids[1]])
+    stored = live.live_dir(tmp_path)
+    assert (stored / live.image_file(kept)).is_file() and not (stored / live.image_file(gone)).exists()
+    images.add([(ids[1], gone, vectors[21], None)])  # adding it again stores it again
+    assert (stored / live.image_file(gone)).is_file() and images.contains(ids[1])
+
+
+def test_compaction_keeps_what_replaying_gives_and_replicas_follow(vectors, tmp_path, monkeypatch):
+    monkeypatch.setattr(live, "COMPACT_AFTER_LINES", 100)
+    writer = live.LiveImages(base_index(vectors[:50]), tmp_path, SPACE)
+    reader = live.LiveImages(base_index(vectors[:50]), tmp_path, SPACE)  # another replica on the same log
+    data = [f"image {i}".encode() for i in range(30)]
+    ids = [live.image_id(d) for d in data]
+    for round_ in range(4):  # the same images added and deleted again and again: 240 lines, 30 ids
+        writer.add([(live.image_id(d), d, vectors[100 + i], None) for i, d in enumerate(data)])
+        writer.delete(ids[: 20 if round_ < 3 else 10])
+    writer.delete(["img/1", "img/2"])
+    log = live.LiveLog(tmp_path)
+    assert len(log.path.read_text().splitlines()) < 100  # 192 lines written: compacted when 100 were due
+    assert log.compact(gc_age_seconds=0)[1] == 32  # one line per id
+    fresh = live.LiveImages(base_index(vectors[:50]), tmp_path, SPACE)
+    reader.refresh()
+    for images in (fresh, reader, writer):
+        assert [images.contains(i) for i in ids] == [False] * 10 + [True] * 20
+        assert not images.contains("img/1") and images.contains("img/3") and len(images) == 48 + 20
+    stored = sorted(p.name for p in (live.live_dir(tmp_path) / live.IMAGES_DIR).iterdir())
+    assert stored == sorted(live.image_file(d).split("/")[1] for d in data[10:])
+
+
+def test_appends_racing_a_compaction_lose_nothing(tmp_path):
+    log = live.LiveLog(tmp_path)
+    errors: list[BaseException] = []
+
+    def write(name: str) -> None:
+        try:
+            for number in range(200):
+                data = f"{name}-{number}".encode()
+                log.append([live.Entry("add", live.image_id(data), None, live.image_file(data), (1.0,), "t:1")],
+                           images=[data])
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(name,)) for name in "ab"]
+    for writer in writers:
+        writer.start()
+    while any(w.is_alive() for w in writers):
+        log.compact(gc_age_seconds=0)
+    for writer in writers:
+        writer.join()
+    log.compact(gc_age_seconds=0)
+    assert errors == []
+    assert {e.id for e in log.read()[0]} == {live.image_id(f"{n}-{i}".encode()) for n in "ab" for i in range(200)}
+    assert len(list((live.live_dir(tmp_path) / live.IMAGES_DIR).iterdir())) == 400
