@@ -11,9 +11,11 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import server as common
-from services.common.limits import Limits
+from services.common.limits import CallLimits, Limits
 from services.common.wait_ready import wait_serving
 from services.gateway import server as gateway_server
 
@@ -26,12 +28,17 @@ def idle_requests(release: threading.Event):
     yield from ()
 
 
-def test_idle_reflection_streams_cannot_stall_search(services):
+@pytest.mark.parametrize("kind", ["reflection", "health watch"])
+def test_idle_streams_cannot_stall_search(services, kind):
     release = threading.Event()
     with grpc.insecure_channel(services.gateway) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         ended = threading.Semaphore(0)
-        streams = [stub.ServerReflectionInfo(idle_requests(release)) for _ in range(IDLE_STREAMS)]
+        if kind == "reflection":
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            streams = [stub.ServerReflectionInfo(idle_requests(release)) for _ in range(IDLE_STREAMS)]
+        else:  # a watch sends one status, then idles until the status changes
+            watch = health_pb2_grpc.HealthStub(channel).Watch
+            streams = [watch(health_pb2.HealthCheckRequest()) for _ in range(IDLE_STREAMS)]
         for stream in streams:
             stream.add_done_callback(lambda _call: ended.release())
         try:
@@ -108,3 +115,23 @@ def test_the_limit_flags_parse():
     args = gateway_server.build_parser().parse_args(["--max-calls", "8", "--max-streams", "2", "--no-reflection"])
     from services.common.limits import limits_from_args
     assert limits_from_args(args) == Limits(max_calls=8, max_streams=2, reflection=False)
+
+
+class PastDeadline:
+    """Plumbing stand-in for a ServicerContext whose deadline has passed while the call waited."""
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def abort(self, code, details):
+        raise grpc.RpcError(code, details)
+
+
+def test_a_call_past_its_deadline_is_dropped_not_run():
+    ran = []
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: ran.append(request) or b"")
+    details = type("Details", (), {"method": "/semsearch.v1.Gateway/Search"})()
+    limited = CallLimits(Limits()).intercept_service(lambda _: handler, details)
+    with pytest.raises(grpc.RpcError) as error:
+        limited.unary_unary(b"request", PastDeadline())
+    assert error.value.args[0] == grpc.StatusCode.DEADLINE_EXCEEDED and ran == []

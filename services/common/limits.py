@@ -1,10 +1,10 @@
 """How much a server takes on at once, so that no client can stall it or queue work without bound.
 
 - At most `max_calls` calls run at once; one more is answered RESOURCE_EXHAUSTED at once, never
-  queued. Health checks are exempt: they are cheap, and probes must answer under load.
-- Calls that stream requests (server reflection) hold a worker thread while the client is idle, so
-  they get their own, smaller allowance (`max_streams`) and cannot take the threads that unary calls
-  need: 100 idle reflection streams leave `Search` answering as usual.
+  queued. Health checks (`Check`) are exempt: they are cheap, and probes must answer under load.
+- Streaming calls (server reflection, health `Watch`) hold a worker thread while the client is
+  idle, so they get their own, smaller allowance (`max_streams`) and cannot take the threads that
+  unary calls need: 100 idle streams leave `Search` answering as usual.
 - A call whose deadline passed while it waited for a thread is dropped, not run.
 - Reflection can be turned off; when a bearer token is configured it needs the token like any call.
 
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import grpc
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 SPARE_THREADS = 4
 
 
 @dataclass(frozen=True)
 class Limits:
     max_calls: int = 16  # unary calls at once
-    max_streams: int = 4  # request-streaming calls (reflection) at once
+    max_streams: int = 4  # streaming calls (reflection, health Watch) at once
     max_open: int = 1000  # open calls of any kind (health watches included), grpc's own backstop
     reflection: bool = True
 
@@ -63,9 +63,9 @@ class CallLimits(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        if handler is None or handler_call_details.method == HEALTH_CHECK:
             return handler
-        if handler.request_streaming:
+        if handler.request_streaming or handler.response_streaming:
             return _limited(handler, self._streams, f"{self.limits.max_streams} streaming calls")
         return _limited(handler, self._calls, f"{self.limits.max_calls} calls")
 
@@ -106,7 +106,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calls served at once; more are refused with RESOURCE_EXHAUSTED "
                              f"(default: $MAX_CALLS or {defaults.max_calls})")
     parser.add_argument("--max-streams", type=int, default=int(env("MAX_STREAMS", defaults.max_streams)),
-                        help="streaming calls (server reflection) served at once "
+                        help="streaming calls (server reflection, health Watch) served at once "
                              f"(default: $MAX_STREAMS or {defaults.max_streams})")
     parser.add_argument("--no-reflection", dest="reflection", action="store_false",
                         default=env("REFLECTION", "1").lower() not in ("0", "false", "no", "off"),

@@ -19,7 +19,7 @@ import numpy as np
 from services.common.errors import listed, quoted
 from services.index.core import Hit, InvalidQuery, Item, UnknownId, check_k, check_min_score, merge, shard_of, unit_query
 from services.index.live_log import (  # noqa: F401  (re-exported: the log's names are part of this module's API)
-    ID_PREFIX, IMAGES_DIR, LIVE_DIR, LOG_NAME, _ID, Entry, LiveLog, image_file, image_id, live_dir, membership,
+    ID_PREFIX, IMAGES_DIR, LIVE_DIR, LOCK_NAME, LOG_NAME, _ID, Entry, LiveLog, image_file, image_id, live_dir, membership,
 )
 
 log = logging.getLogger(__name__)

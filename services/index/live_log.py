@@ -4,8 +4,8 @@
     ARTIFACTS/live/images/<hex>   the bytes of each added image, named by their sha256
 
 Every write (image bytes, log lines, removals, compaction) happens under one exclusive flock on
-the log, so replicas sharing the folder never interleave; a writer that finds the log replaced by a
-compaction while it waited for the lock appends to the new one. Compaction rewrites the log as the
+`images.log.lock`, so replicas sharing the folder never interleave, and none appends to a log that
+a compaction has replaced. Compaction rewrites the log as the
 last operation on each id (what replaying it gives is unchanged) and removes stored bytes that no
 remaining add names; a reader that sees a new log (another inode) reads it again from the start.
 """
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LIVE_DIR = "live"
 LOG_NAME = "images.log"
+LOCK_NAME = "images.log.lock"
 IMAGES_DIR = "images"
 ID_PREFIX = "added/"
 GC_AGE_SECONDS = 3600.0  # unreferenced bytes younger than this may belong to a writer outside the lock
@@ -79,23 +80,19 @@ class LiveLog:
 
     @contextmanager
     def _locked(self) -> Iterator:
-        """The log, open for appending under the exclusive lock; never a file a compaction replaced."""
+        """The log, open for appending, under the exclusive lock. The lock is a file of its own,
+        which a compaction (replacing the log) never replaces."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        while True:
-            created = not self.path.exists()
-            handle = open(self.path, "a+b")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with open(self.directory / LOCK_NAME, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino:
+                created = not self.path.exists()
+                with open(self.path, "a+b") as handle:
                     if created:
                         artifact.fsync(self.directory)
                     yield handle
-                    return
-            except FileNotFoundError:
-                pass
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _store(self, data: bytes) -> str:
         name = image_file(data)
