@@ -146,22 +146,31 @@ class VectorIndex:
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
         """Top k by cosine similarity, best first; `exclude` ids are left out.
 
-        Excluded ids cost what they take from the top, not what they number: the search fetches a
-        little more than k and fetches again, 4x deeper, only while excluded hits leave it short.
+        Excluded ids cost what they take from the top, not what they number: the search fetches
+        somewhat more than k (as many more as excluded ids are expected among them) and fetches
+        again, 4x deeper, only while excluded hits leave it short.
         """
         check_k(k)
         check_min_score(min_score)
         query = unit_query(query, self.dimension)
-        wanted = min(k + min(len(exclude), max(k, EXCLUDE_SLACK)), len(self.items))
+        wanted = min(k, len(self.items))
+        if exclude:  # expect excluded ids in the top at the rate they are in the index (at most 90%)
+            share = min(len(exclude) / len(self.items), 0.9) if self.items else 0.0
+            wanted = min(math.ceil((k + EXCLUDE_SLACK) / (1 - share)), len(self.items))
         while wanted > 0:
             rows, scores = self._nearest(query, wanted)
-            hits = [Hit(self.items[row], float(score)) for row, score in zip(rows, scores)
-                    if self.items[row].id not in exclude]
-            if min_score is not None:
-                hits = [hit for hit in hits if hit.score >= min_score]
-            below = min_score is not None and len(scores) and scores[-1] < min_score
-            if len(hits) >= k or below or wanted >= len(self.items) or len(rows) < wanted:
-                return hits[:k]
+            hits, below = [], False
+            for row, score in zip(rows.tolist(), scores.tolist()):  # best first
+                if min_score is not None and score < min_score:
+                    below = True
+                    break
+                item = self.items[row]
+                if item.id not in exclude:
+                    hits.append(Hit(item, score))
+                    if len(hits) == k:
+                        break
+            if len(hits) == k or below or wanted >= len(self.items) or len(rows) < wanted:
+                return hits
             wanted = min(4 * wanted, len(self.items))
         return []
 
