@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def train_options(data: Path, artifacts: Path, cache: Path, **overrides) -> Opti
 def artifact_root(tmp_path_factory, ray_runtime, cache_dir, cifar, real_photos) -> Path:
     """A real artifact: EfficientNet-Lite0 + GloVe 6B 50d, head trained on 100 photos per class, with the
     quality extras (softmax baseline, zero-shot head, modes chosen on validation, with the validation
-    half of the real photos for words never trained on) that other runs skip."""
+    half of the real photos for words never trained on) that other runs skip.
+
+    While developing, SEMSEARCH_TEST_ARTIFACTS=DIR reuses an artifact root trained before (read-only)."""
+    if os.environ.get("SEMSEARCH_TEST_ARTIFACTS"):
+        return Path(os.environ["SEMSEARCH_TEST_ARTIFACTS"])
     root = tmp_path_factory.mktemp("artifacts")
     run(train_options(cifar / "train", root, cache_dir, quality=True, open_data=real_photos))
     return root

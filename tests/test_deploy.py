@@ -1,12 +1,17 @@
 """The container and orchestrator examples: valid YAML whose commands the real services accept,
-with ports, shards and addresses that fit together."""
+with ports, shards and addresses that fit together, secure by default: mutual TLS between services,
+a token at the gateway, only the gateway reaching encoder and index, liveness on the process and
+readiness on health (which for the gateway follows its downstream services); the web service as the
+public entry, over HTTPS, reaching only the gateway, over TLS, with no token of its own."""
 
 import importlib
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
+from services.common import wait_ready
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -19,6 +24,31 @@ def parse_command(command: list[str]):
     assert all(isinstance(part, str) for part in command), f"non-string argument in {command}"
     assert command[:2] == ["python", "-m"] and command[2] in SERVERS, command
     return command[2], importlib.import_module(command[2]).build_parser().parse_args(command[3:])
+
+
+def assert_secure(module: str, args) -> None:
+    """Backends: TLS with a client CA (mutual TLS). Gateway: TLS, a client certificate downstream, a token.
+    Web (an HTTP server): HTTPS, the gateway's certificate checked against the CA, and no token of its
+    own (each HTTP caller's is passed on)."""
+    assert args.tls_cert and args.tls_key, module
+    if module == "services.web.server":
+        assert args.gateway_tls_ca, module
+        assert not getattr(args, "token_file", None) and not getattr(args, "token", None), module
+        return
+    if module == "services.gateway.server":
+        assert args.downstream_tls_ca and args.downstream_tls_cert and args.downstream_tls_key and args.token_file
+    else:
+        assert args.tls_client_ca, module
+    assert args.reflection  # reflection stays on, behind the token at the gateway and mutual TLS elsewhere
+
+
+def parse_probe(command: list[str], port: int):
+    """A readiness probe: wait_ready on this container's own port, over mutual TLS."""
+    assert command[:3] == ["python", "-m", "services.common.wait_ready"], command
+    args = wait_ready.build_parser().parse_args(command[3:])
+    (service,) = args.services
+    assert service.split("=", 1)[1] == f"127.0.0.1:{port}" and args.tls_ca
+    return args
 
 
 def test_compose_file_fits_together():
@@ -37,10 +67,25 @@ def test_compose_file_fits_together():
     assert all(volume.endswith(":ro") for volume in services["web"]["volumes"])
     assert f"../artifacts/live:{parsed['index-shard-0'][1].artifacts}/live:ro" in services["web"]["volumes"]
     for name, (module, args) in parsed.items():
+        assert_secure(module, args)
         if module not in CLIENTS:
             assert any(volume.endswith(f":{args.artifacts}:ro") for volume in services[name]["volumes"])
+            assert services[name]["networks"] == ["backend"] and "ports" not in services[name]
         if name in shards.values():  # image shards write the live-update log
             assert f"../artifacts/live:{args.artifacts}/live" in services[name]["volumes"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["networks"]["backend"]["internal"] is True  # encoder and index unreachable from outside
+    assert services["gateway"]["ports"] == [f"{gateway.port}:{gateway.port}"]
+    assert {name for name, service in services.items() if "ports" in service} == {"gateway", "web"}
+    parse_probe(services["gateway"]["healthcheck"]["test"][1:], gateway.port)
+    # the web service shares a network with the gateway, never the backend one; of the secrets it
+    # mounts only its TLS files (no service key that encoder and index accept, no token)
+    assert "backend" not in services["web"]["networks"]
+    assert set(services["web"]["networks"]) & set(services["gateway"]["networks"])
+    targets = {volume.split(":")[-2] for volume in services["web"]["volumes"]}
+    assert {web.tls_cert, web.tls_key, web.gateway_tls_ca} <= targets
+    sources = {Path(volume.split(":")[0]).name for volume in services["web"]["volumes"]}
+    assert not sources & {"secrets", "tokens", "service.key"}
 
 
 def test_kubernetes_manifests_fit_together():
@@ -53,14 +98,26 @@ def test_kubernetes_manifests_fit_together():
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         module, args = parse_command(container["command"] + container["args"])
         ports[name] = args.port
-        probe = container["readinessProbe"]
-        probed = probe["httpGet"]["port"] if module == "services.web.server" else probe["grpc"]["port"]
-        assert container["ports"][0]["containerPort"] == args.port == probed
+        assert_secure(module, args)
+        assert container["ports"][0]["containerPort"] == args.port == container["livenessProbe"]["tcpSocket"]["port"]
+        if module == "services.web.server":  # an HTTPS server: kubelet's own probe, on /healthz
+            probe = container["readinessProbe"]["httpGet"]
+            assert probe["port"] == args.port and probe["path"] == "/healthz" and probe["scheme"] == "HTTPS"
+            tls_files = (args.tls_cert, args.tls_key, args.gateway_tls_ca)
+        else:
+            probe = parse_probe(container["readinessProbe"]["exec"]["command"], args.port)
+            assert probe.tls_cert and probe.tls_server_name == f"{name}.semsearch.svc.cluster.local"
+            tls_files = (args.tls_cert, args.tls_key, probe.tls_ca)
+        mounted = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {str(Path(f).parent) for f in tls_files} <= mounted
         service = kinds[("Service", name)]
         assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
         assert service["spec"]["ports"][0]["targetPort"] == args.port
         for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
-            assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in kinds
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in kinds
+            else:  # TLS files and tokens come from Secrets made outside the example (see its header)
+                assert volume["secret"]["secretName"] in ("semsearch-tls", "semsearch-gateway-token", "semsearch-web-tls")
         if module == "services.index.server" and args.shard is not None:
             assert name == f"index-shard-{args.shard}" and args.indexes == "images"
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -76,6 +133,50 @@ def test_kubernetes_manifests_fit_together():
     assert web_args.gateway == f"gateway.semsearch.svc.cluster.local:{ports['gateway']}"
     assert web["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert all(mount.get("readOnly") for mount in web["volumeMounts"])
+    assert not any(volume["secret"]["secretName"] == "semsearch-gateway-token"
+                   for volume in deployments["web"]["spec"]["template"]["spec"]["volumes"] if "secret" in volume)
+    for volume in deployments["web"]["spec"]["template"]["spec"]["volumes"]:  # of the service TLS, the CA only
+        if volume.get("secret", {}).get("secretName") == "semsearch-tls":
+            assert [item["key"] for item in volume["secret"]["items"]] == ["ca.crt"]
+    assert kinds[("Service", "gateway")]["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert kinds[("Service", "web")]["spec"]["type"] in ("LoadBalancer", "NodePort")  # the public entry
+
+
+def test_kubernetes_network_policy_lets_only_the_gateway_reach_encoder_and_index():
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "semsearch.yaml").read_text()))
+    policies = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    apps = {d["metadata"]["name"] for d in documents if d["kind"] == "Deployment"}
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"].get("ingress")
+               for p in policies), "a default deny of all ingress"
+
+    def selects(policy, app: str) -> bool:
+        selector = policy["spec"]["podSelector"]
+        if selector == {}:
+            return True
+        if selector.get("matchLabels", {}).get("app") == app:
+            return True
+        return any(e["key"] == "app" and e["operator"] == "In" and app in e["values"]
+                   for e in selector.get("matchExpressions", []))
+
+    def rules_for(app: str) -> list[dict]:
+        return [rule for p in policies if selects(p, app) for rule in p["spec"].get("ingress", [])]
+
+    def admits(rule: dict, source: str | None, port: int) -> bool:
+        """Does this ingress rule let pods labelled app=source (None: any client) reach `port`?"""
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") == port for p in ports):
+            return False
+        peers = rule.get("from")
+        return not peers or (source is not None and {"podSelector": {"matchLabels": {"app": source}}} in peers)
+
+    for app in apps - {"gateway", "web"}:
+        rules = rules_for(app)
+        assert rules and all(rule["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}] for rule in rules), app
+    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+    port = {name: d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+            for name, d in deployments.items()}
+    assert any(admits(rule, "web", port["gateway"]) for rule in rules_for("gateway")), "web pods reach the gateway"
+    assert any(admits(rule, None, port["web"]) for rule in rules_for("web")), "clients reach the web service"
 
 
 @pytest.mark.parametrize("line", [l for l in (DEPLOY / "Dockerfile").read_text().splitlines() if l.startswith("COPY ")])

@@ -107,4 +107,4 @@ def test_a_torn_log_line_is_skipped_and_later_writes_survive(tmp_path):
     log.append([second])
     assert log.read()[0] == [first, second]
     assert live.membership(tmp_path) == ({}, {first.id})
-    assert sorted(p.name for p in (tmp_path / live.LIVE_DIR).iterdir()) == [live.IMAGES_DIR, live.LOG_NAME]
+    assert sorted(p.name for p in (tmp_path / live.LIVE_DIR).iterdir()) == [live.IMAGES_DIR, live.LOG_NAME, live.LOCK_NAME]

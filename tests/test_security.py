@@ -214,9 +214,13 @@ def test_every_configured_token_works(stack, pki, token):
     assert len(answer.words) == 3
 
 
-def test_health_and_reflection_need_no_token(stack, pki):
+def test_health_needs_no_token_but_reflection_does(stack, pki):
     with security.channel(stack.gateway, pki.trusting()) as channel:
         assert health(channel).status == SERVING
+        with pytest.raises(grpc.RpcError) as error:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with security.with_token(security.channel(stack.gateway, pki.trusting()), TOKEN) as channel:
         assert "semsearch.v1.Gateway" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
 
 

@@ -5,8 +5,8 @@
   default: the services listen in plaintext on loopback unless given `--tls-cert`/`--tls-key`.
 - A bearer-token check (`BearerTokenInterceptor`) for the gateway: a call without
   `authorization: Bearer <token>` metadata, or with a wrong token, is answered UNAUTHENTICATED.
-  Health checks and server reflection stay open, so load balancers and orchestrator probes (which
-  cannot send a token) keep working; they disclose only serving status and the public API schema.
+  Health checks stay open, so load balancers and orchestrator probes (which cannot send a token)
+  keep working; they disclose only serving status. Server reflection needs the token like any call.
 
 Certificate, key and token files are read once at start-up; an unreadable or malformed one is a
 `SecurityConfigError`, which entry points turn into a one-line exit message.
@@ -28,15 +28,13 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from services.common.limits import same_kind
+
 log = logging.getLogger(__name__)
 
 AUTHORIZATION = "authorization"
-# Probes and tooling need these without a token (see the module docstring).
-OPEN_METHOD_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
+# Probes need these without a token (see the module docstring).
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class SecurityConfigError(ValueError):
@@ -173,20 +171,12 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
     def abort(_request_or_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(abort, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return same_kind(handler, abort)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Calls need `authorization: Bearer <token>` metadata matching one of `tokens`, compared in
-    constant time; health and reflection (OPEN_METHOD_PREFIXES) stay open."""
+    constant time; health (OPEN_METHOD_PREFIXES) stays open."""
 
     def __init__(self, tokens: Iterable[str]):
         self._tokens = [token.encode("utf-8") for token in tokens]
@@ -286,7 +276,7 @@ def add_token_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's --token-file (default $GATEWAY_TOKEN_FILE); $GATEWAY_TOKEN also adds tokens."""
     parser.add_argument("--token-file", default=os.environ.get("GATEWAY_TOKEN_FILE"), metavar="FILE",
                         help="require 'authorization: Bearer <token>' with a token from FILE (one a line); "
-                             "$GATEWAY_TOKEN (comma-separated) adds tokens. Health and reflection stay open. "
+                             "$GATEWAY_TOKEN (comma-separated) adds tokens. Health stays open; reflection needs it. "
                              "(default: $GATEWAY_TOKEN_FILE; no token check when neither is set)")
 
 

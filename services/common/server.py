@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,31 +19,35 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import artifact, security
+from services.common.errors import quoted
+from services.common.limits import CallLimits, Limits
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRACE_SECONDS = 5.0
 VERSION_METADATA = "semsearch-artifact-version"
-PREVIOUS_GRACE_SECONDS = 60.0
+RETRY_SECONDS_MAX = 60.0
 RELOAD_SECONDS = 2.0
+MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 1 << 20
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters
 
 
 class Loading:
     """A service's core, one per artifact version: UNAVAILABLE until the first has loaded.
 
     On an artifact switch the new core replaces the current one whole (never half-loaded), and the
-    one before stays answerable for `grace_seconds`, so that a caller (the gateway) can keep the
-    encoder and the index on one version while each switches in its own time.
+    one before stays answerable until the next switch, so that a caller (the gateway) keeps the
+    encoder and the index on one version however late the other one loads (or while it retries a
+    failed load). That costs the memory of a second version, never of a third.
     """
 
-    def __init__(self, name: str, grace_seconds: float = PREVIOUS_GRACE_SECONDS):
+    def __init__(self, name: str):
         self.name = name
         self.core = None
         self.error: BaseException | None = None
-        self.grace_seconds = grace_seconds
         self._previous = None
-        self._previous_until = 0.0
 
     def get(self, context: grpc.ServicerContext, version: str = "", current_only: bool = False):
         """The current core, or the one of `version`; FAILED_PRECONDITION naming ours if we lack it.
@@ -51,28 +56,20 @@ class Loading:
         """
         core = self.core
         if core is None:
-            reason = f"failed to load: {self.error}" if self.error else "still loading"
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is {reason}")
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"{self.name} {'failed to load its artifact' if self.error else 'is still loading'}")
         if not version or version == core.version:
             return core
         previous = self._previous
-        if (not current_only and previous is not None and previous.version == version
-                and time.monotonic() < self._previous_until):
+        if not current_only and previous is not None and previous.version == version:
             return previous
         context.set_trailing_metadata(((VERSION_METADATA, core.version),))
         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"{self.name} serves artifact {core.version}, not {version}")
-
-    def drop_expired(self) -> None:
-        """Free the previous version once its grace period is over."""
-        if self._previous is not None and time.monotonic() >= self._previous_until:
-            self._previous = None
+                      f"{self.name} serves artifact {core.version}, not {quoted(version)}")
 
     def install(self, core) -> None:
-        """Make `core` current; the current one becomes the previous, kept for the grace period."""
-        if self.core is not None:
-            self._previous, self._previous_until = self.core, time.monotonic() + self.grace_seconds
-        self.core = core
+        """Make `core` current; the current one becomes the previous, kept until the next switch."""
+        self._previous, self.core = self.core, core
         _refresh(core)
 
 
@@ -88,28 +85,31 @@ def grpc_server(
     port: int,
     add_servicers: Callable[[grpc.Server], list[str]],
     host: str = "127.0.0.1",
-    max_workers: int = 16,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     tls: security.ServerTls | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    limits: Limits | None = None,
 ) -> Iterator[tuple[grpc.Server, int, health.HealthServicer]]:
     """Start a server with the given servicers, health (NOT_SERVING) and reflection; stop it on exit.
 
     `add_servicers` registers the servicers and returns their full service names. With `tls` the port
-    speaks TLS only (mutual TLS when it names a client CA); `interceptors` run before every handler.
+    speaks TLS only (mutual TLS when it names a client CA); `interceptors` (authentication) run before
+    every handler, then the call limits (see `services.common.limits`).
     """
+    limits = limits or Limits()
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         interceptors=list(interceptors))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=options,
+                         interceptors=[*interceptors, CallLimits(limits)], maximum_concurrent_rpcs=limits.max_open)
     names = add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if limits.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = security.add_port(server, host, port, tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
@@ -133,6 +133,7 @@ def serve_when_loaded(
     on_load_failure: Callable[[BaseException], None] | None = None,
     tls: security.ServerTls | None = None,
     reload_seconds: float = RELOAD_SECONDS,
+    limits: Limits | None = None,
 ) -> Iterator[tuple[grpc.Server, int]]:
     """A server whose core loads in the background: UNAVAILABLE and NOT_SERVING until it has.
 
@@ -147,7 +148,7 @@ def serve_when_loaded(
         return [service]
 
     stop = threading.Event()
-    with grpc_server(port, add, host=host, tls=tls) as (server, bound, health_servicer):
+    with grpc_server(port, add, host=host, tls=tls, limits=limits) as (server, bound, health_servicer):
         follower = threading.Thread(
             target=follow_artifacts, name=f"load-{loading.name}", daemon=True,
             args=(loading, artifacts, load, lambda: set_serving(health_servicer, [service], True),
@@ -178,7 +179,8 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
                      reload_seconds: float, stop: threading.Event) -> None:
     """Load the current version (health turns SERVING), then switch to each newly published one.
 
-    A new version that fails to load is logged and skipped; the serving one goes on answering.
+    A new version that fails to load is logged, and tried again after a back-off that doubles from
+    `reload_seconds` up to RETRY_SECONDS_MAX; the serving one goes on answering meanwhile.
     """
     try:
         loaded = artifact.resolve(artifacts)
@@ -191,33 +193,52 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
             on_failure(error)
         return
     failed: Path | None = None
+    failures, retry_at = 0, 0.0
     while reload_seconds > 0 and not stop.wait(reload_seconds):
         directory = None
         try:
             directory = artifact.resolve(artifacts)
-            if directory not in (loaded, failed):
+            if directory != loaded and (directory != failed or time.monotonic() >= retry_at):
                 log.info("%s: artifact %s published; loading it beside %s", loading.name, directory.name,
                          loading.core.version)
                 loading.install(load(directory))
-                loaded = directory
+                loaded, failed, failures = directory, None, 0
                 log.info("%s: now serving artifact %s", loading.name, directory.name)
             else:
-                loading.drop_expired()
                 _refresh(loading.core)
-        except Exception:  # the serving version stays; this one is not retried until another replaces it
+        except Exception:  # the serving version stays; this one is tried again after a back-off
+            failures = failures + 1 if directory == failed else 1
             failed = directory
-            log.exception("%s: could not load artifact %s or apply the live log; still serving %s",
-                          loading.name, directory, loading.core.version)
+            retry_at = time.monotonic() + min(reload_seconds * 2 ** failures, RETRY_SECONDS_MAX)
+            log.exception("%s: could not load artifact %s or apply the live log (attempt %d); still serving %s",
+                          loading.name, directory, failures, loading.core.version)
 
 
 def start_entry_point(service: str, artifacts: str | None = None) -> None:
-    """What every service's main() does first: log to stderr, and fail fast without an artifact."""
+    """What every service's main() does first: log to stderr, few malloc arenas, fail fast without an artifact."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas()
     if artifacts is not None:
         try:
             artifact.resolve(artifacts)
         except artifact.ArtifactError as error:
             sys.exit(f"{service}: {error}")
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """glibc gives each busy thread its own heap and, once a large block is freed, serves blocks of
+    that size from the heaps too, where freed image buffers stay resident: with 20 worker threads a
+    few concurrent large decodes would leave hundreds of MB behind. Before any worker starts, cap the
+    heaps and keep large blocks (decoded images) in their own mappings, returned when freed, as
+    MALLOC_ARENA_MAX and MALLOC_MMAP_THRESHOLD_ would (either variable, when set, wins)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            libc.mallopt(M_ARENA_MAX, arenas)
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def wait_for_signal(stop: threading.Event) -> None:

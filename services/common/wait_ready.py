@@ -1,5 +1,6 @@
 """Wait until services report SERVING on the standard health service, or answer 200 on an HTTP health
-URL such as the web service's `http://host:port/healthz` (used by `make serve`)."""
+URL such as the web service's `http://host:port/healthz` (used by `make serve` and as a readiness
+probe in the deploy examples)."""
 
 from __future__ import annotations
 
@@ -55,13 +56,17 @@ def alive(pid_file: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("services", nargs="+", metavar="NAME=ADDRESS[@PIDFILE]",
                         help="ADDRESS: host:port (gRPC health) or an http(s):// health URL")
     parser.add_argument("--timeout", type=float, default=600.0)
     security.add_client_tls_arguments(parser, env_prefix="WAIT_", what="every service")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     tls = security.or_exit("wait_ready", security.client_tls_from_args, args)
     pending = {}
     for spec in args.services:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class EncoderCore:
-    def __init__(self, artifact_path: str | Path, threads: int = 0):
+    def __init__(self, artifact_path: str | Path, threads: int = 0, decode_slots: threading.Semaphore | None = None):
         self.directory = artifact.resolve(artifact_path)
         self.manifest = artifact.read_manifest(self.directory)
         words_dir = self.directory / artifact.INDEXES / "words"
@@ -30,6 +31,7 @@ class EncoderCore:
             self.manifest["backbone"]["preprocessing"],
             self.directory / artifact.HEAD,
             threads=threads,
+            decode_slots=decode_slots,
         )
         self.modes = Modes.load(self.directory / MODES_FILE, self.images.head,
                                 ModeParams.from_dict(self.manifest.get("modes")))

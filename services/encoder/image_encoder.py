@@ -7,6 +7,8 @@ The same class runs inside the encoder service and as the callable class of Ray 
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 FEATURES_OUTPUT = "features"
 LOGITS_OUTPUT = "logits"
+RUN_BATCH = 16  # images per backbone run: bounds the activations' memory of a 64-image call
 
 
 class ImageEncoder:
@@ -30,7 +33,9 @@ class ImageEncoder:
         preprocessing: Preprocessing | dict,
         head_path: str | Path | None = None,
         threads: int = 0,
+        decode_slots: threading.Semaphore | None = None,
     ):
+        """`decode_slots` bounds how many images this process decodes at once (None: no bound)."""
         if isinstance(preprocessing, dict):
             preprocessing = Preprocessing.from_dict(preprocessing)
         self.preprocessing = preprocessing
@@ -41,6 +46,7 @@ class ImageEncoder:
             str(backbone_path), options, providers=["CPUExecutionProvider"]
         )
         self.head = Head.load(Path(head_path)) if head_path else None
+        self.decode_slots = decode_slots
 
     @property
     def feature_dimension(self) -> int:
@@ -48,13 +54,15 @@ class ImageEncoder:
 
     def pixels(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> the preprocessed CHW array; ImageError for bad input."""
-        return self.preprocessing(decode(data, size_hint=self.preprocessing.size))
+        with self.decode_slots or nullcontext():
+            return self.preprocessing(decode(data, size_hint=self.preprocessing.size))
 
     def features_of_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, self.feature_dimension), np.float32)
-        (features,) = self.session.run([FEATURES_OUTPUT], {"pixels": pixels})
-        return features
+        runs = [self.session.run([FEATURES_OUTPUT], {"pixels": pixels[start:start + RUN_BATCH]})[0]
+                for start in range(0, len(pixels), RUN_BATCH)]
+        return runs[0] if len(runs) == 1 else np.concatenate(runs)
 
     def features(self, images: list[bytes]) -> np.ndarray:
         return self.features_of_pixels(np.stack([self.pixels(data) for data in images]))

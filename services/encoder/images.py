@@ -1,4 +1,9 @@
-"""Decode and preprocess images for the backbone, with limits on size and pixel count."""
+"""Decode and preprocess images for the backbone, with limits on size and pixel count.
+
+Memory per image is bounded by design: the pixel count is checked from the header before any pixel
+is decoded (after JPEG's draft mode has shrunk what will be decoded), and preprocessing crops the
+centre square before it scales, so no image is ever enlarged beyond `size` x `size`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MAX_PIXELS = 64_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# 16 M pixels (4096 x 4096, or a 24 MP camera JPEG, which draft mode decodes at a quarter) is at most
+# 64 MB decoded in the widest mode; larger images are refused before they are decoded.
+MAX_PIXELS = 16_000_000
+# Pillow's own bomb check runs at open, before JPEG draft mode can shrink the image, so it is set
+# loose enough for what draft mode (down to 1/8 a side) brings under MAX_PIXELS; `decode` checks the rest.
+Image.MAX_IMAGE_PIXELS = 64 * MAX_PIXELS // 2
 
 
 class ImageError(ValueError):
@@ -18,7 +27,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the shorter side to `size`, centre-crop a square, then (x - mean) / std per channel."""
+    """Centre-crop a square, resize it to `size`, then (x - mean) / std per channel."""
 
     size: int
     mean: tuple[float, float, float]
@@ -33,16 +42,29 @@ class Preprocessing:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """A PIL image -> a float32 CHW array."""
-        image = image.convert("RGB")
         width, height = image.size
-        scale = self.size / min(width, height)
-        resized = image.resize(
-            (max(self.size, round(width * scale)), max(self.size, round(height * scale))),
-            Image.BILINEAR,
-        )
-        left = (resized.width - self.size) // 2
-        top = (resized.height - self.size) // 2
-        square = resized.crop((left, top, left + self.size, top + self.size))
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        # Crop before scaling (a 20000 x 1 image becomes 1 x 1 -> size x size, never 4.5M x size), and
+        # shrink before converting, so that no full-size copy is made beside the decoded image.
+        box: tuple[int, int, int, int] | None = (left, top, left + side, top + side)
+        factor = side // self.size
+        if image.mode.startswith("I;16") or image.mode == "1":
+            image = image.convert("L")  # what RGB would hold too (values clipped at 255), at a quarter the size
+        if factor >= 2 and image.mode in ("RGBA", "LA"):
+            # reduce() would premultiply alpha in a full-size copy; alpha is dropped anyway, so reduce per band
+            image = Image.merge(image.mode[:-1], [image.getchannel(band).reduce(factor, box) for band in image.mode[:-1]])
+            box = None
+        elif factor >= 2 and image.mode != "P":
+            try:
+                image, box = image.reduce(factor, box), None
+            except ValueError:  # a mode reduce cannot take: converted whole below
+                pass
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        square = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if square.mode != "RGB":
+            square = square.convert("RGB")
         pixels = np.asarray(square, dtype=np.float32)
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return pixels.transpose(2, 0, 1)
@@ -54,12 +76,12 @@ def decode(data: bytes, size_hint: int = 0) -> Image.Image:
         raise ImageError("image is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+        if size_hint and image.format == "JPEG":
+            image.draft("RGB", (size_hint, size_hint))  # decode at 1/2, 1/4 or 1/8 where that is enough
         if image.width * image.height > MAX_PIXELS:
             raise ImageError(
                 f"image is {image.width}x{image.height} pixels; the limit is {MAX_PIXELS:,} pixels"
             )
-        if size_hint and image.format == "JPEG":
-            image.draft("RGB", (size_hint, size_hint))
         image.load()
         return image
     except ImageError:

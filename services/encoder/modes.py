@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.errors import quoted
 from services.encoder.head import Head
 
 MODES = ("devise", "conse", "hybrid", "gated")
@@ -139,9 +140,9 @@ class Modes:
     def check(self, mode: str | None) -> str:
         mode = mode or self.params.default
         if mode not in MODES:
-            raise UnknownModeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+            raise UnknownModeError(f"unknown mode {quoted(mode)}; choose one of {', '.join(MODES)}")
         if mode != "conse" and self.head is None:
-            raise UnknownModeError(f"mode {mode!r} needs a trained head")
+            raise UnknownModeError(f"mode {quoted(mode)} needs a trained head")
         if mode == "gated" and self.familiarity is None:
             raise UnknownModeError("mode 'gated' needs the training photos' mean features")
         return mode

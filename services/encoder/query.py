@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.errors import listed, quoted
+
 MAX_QUERY_CHARS = 1000
 MAX_TERMS = 64
 
@@ -26,7 +28,7 @@ class UnknownWordsError(KeyError):
         self.words = words
 
     def __str__(self) -> str:
-        return "unknown word" + ("s" if len(self.words) > 1 else "") + ": " + ", ".join(self.words)
+        return "unknown word" + ("s" if len(self.words) > 1 else "") + ": " + listed(self.words, quote=False)
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,16 @@ def parse(text: str) -> list[Term]:
     for match in _TERM.finditer(stripped):
         gap = stripped[position:match.start()]
         if gap.strip():
-            raise QueryError(f"cannot parse {gap.strip()!r} in query {stripped!r}")
+            raise QueryError(f"cannot parse {quoted(gap.strip())} in the query")
         position = match.end()
         sign, word, weight = match.groups()
         value = float(weight) if weight is not None else 1.0
         if not math.isfinite(value):
-            raise QueryError(f"weight of {word!r} is not a finite number")
+            raise QueryError(f"weight of {quoted(word)} is not a finite number")
         terms.append(Term(word.lower(), -value if sign == "-" else value))
     rest = stripped[position:].strip()
     if rest:
-        raise QueryError(f"cannot parse {rest!r} in query {stripped!r}")
+        raise QueryError(f"cannot parse {quoted(rest)} in the query")
     if len(terms) > MAX_TERMS:
         raise QueryError(f"query has {len(terms)} terms; the limit is {MAX_TERMS}")
     if not any(term.weight > 0 for term in terms):

@@ -6,13 +6,16 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 import grpc
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common import limits as limits_module
 from services.common import security
+from services.common.limits import Limits
 from services.common import server as common
 from services.encoder.core import EncoderCore
 from services.encoder.images import ImageError
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 MAX_BATCH = 64
+DECODE_SLOTS = 2
 
 
 def _vector(values) -> encoder_pb2.Vector:
@@ -75,17 +79,21 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 @contextmanager
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int = 0,
                on_load_failure=None, tls: security.ServerTls | None = None,
-               reload_seconds: float = common.RELOAD_SECONDS) -> Iterator[tuple[grpc.Server, int]]:
+               reload_seconds: float = common.RELOAD_SECONDS, decode_slots: int = DECODE_SLOTS,
+               limits: Limits | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the encoder on `port` (0 picks a free one); health turns SERVING once the model has loaded.
 
+    At most `decode_slots` images are decoded at once, whatever the number of calls (every artifact
+    version shares them), which bounds the memory that decoding can take.
     With `tls` it speaks TLS only (mutual TLS when `tls` names a client CA). A newly published
     artifact is switched to without a restart (checked every `reload_seconds`; 0: never).
     """
+    slots = threading.BoundedSemaphore(max(1, decode_slots))
     with common.serve_when_loaded(
         port, host, SERVICE,
         lambda server, loading: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(loading), server),
-        artifacts, lambda directory: EncoderCore(directory, threads=threads), on_load_failure, tls=tls,
-        reload_seconds=reload_seconds,
+        artifacts, lambda directory: EncoderCore(directory, threads=threads, decode_slots=slots), on_load_failure,
+        tls=tls, reload_seconds=reload_seconds, limits=limits,
     ) as running:
         yield running
 
@@ -97,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts", default=os.environ.get("ARTIFACTS", "artifacts"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ENCODER_THREADS", 0)),
                         help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--decode-slots", type=int, default=int(os.environ.get("ENCODER_DECODE_SLOTS", DECODE_SLOTS)),
+                        help=f"images decoded at once, over all calls (default {DECODE_SLOTS})")
+    limits_module.add_limit_arguments(parser)
     security.add_server_tls_arguments(parser)
     common.add_reload_argument(parser)
     return parser
@@ -107,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     common.start_entry_point("encoder", args.artifacts)
     tls = security.or_exit("encoder", security.server_tls_from_args, args)
     sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, args.threads, tls=tls,
-                                     reload_seconds=args.reload_seconds))
+                                  reload_seconds=args.reload_seconds, decode_slots=args.decode_slots,
+                                  limits=limits_module.limits_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -24,15 +24,19 @@ _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, gr
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # Round robin over every address a target resolves to (replicas); a call that finds a replica
-# gone (UNAVAILABLE) is retried on another. Searches are read-only and an added image's id is its
-# content hash, so a retried call changes nothing twice.
+# gone (UNAVAILABLE) is tried once more on another. Searches are read-only and an added image's id
+# is its content hash, so a retried call changes nothing twice. Retries have a budget per channel
+# (retryThrottling): when more than half the recent calls failed, calls are no longer retried, so a
+# struggling service is not sent twice the load.
+RETRY_ATTEMPTS = 2
 _SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "semsearch.v1.Encoder"}, {"service": "semsearch.v1.Index"}],
-        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.2s",
+        "retryPolicy": {"maxAttempts": RETRY_ATTEMPTS, "initialBackoff": "0.01s", "maxBackoff": "0.2s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 })
 
 
@@ -102,13 +106,14 @@ class Downstream:
 
     def call(self, name: str, method, request, context: grpc.ServicerContext):
         """Call `method` with a deadline; map its errors to ours (VersionMismatch when versions differ)."""
-        return self.call_named(f"{name} service at {self.addresses[name]}", method, request, context)
+        return self.call_named(f"the {name} service", method, request, context)
 
     def call_named(self, downstream: str, method, request, context):
         try:
             return method(request, timeout=self.deadline(context))
         except grpc.RpcError as error:
             self._fail(error, downstream, context)
+
 
     @staticmethod
     def _fail(error: grpc.RpcError, downstream: str, context):
@@ -141,7 +146,7 @@ class Downstream:
         return index_pb2.IndexSearchResponse(neighbors=best, artifact_version=request.artifact_version)
 
     def _shard_name(self, number: int) -> str:
-        return f"image shard {number} of {len(self.shards)} at {self.shard_addresses[number]}"
+        return f"image shard {number} of {len(self.shards)}"
 
     def image_vector(self, image_id: str, version: str, context) -> index_pb2.GetVectorsResponse:
         """The stored vector of an indexed image (and its version), from the shard that holds it."""
@@ -164,7 +169,7 @@ class Downstream:
     def image_stubs(self, ids: list[str]) -> list[tuple[str, object, list[int]]]:
         """(name, stub, positions in `ids`) of each image-index process that owns some of `ids`."""
         if not self.shards:
-            return [(f"index service at {self.addresses['index']}", self.index, list(range(len(ids))))]
+            return [("the index service", self.index, list(range(len(ids))))]
         owners: dict[int, list[int]] = {}
         for position, item_id in enumerate(ids):
             owners.setdefault(shard_of(item_id, len(self.shards)), []).append(position)
@@ -187,10 +192,13 @@ class Downstream:
 
 
 def abort_for(error: grpc.RpcError, downstream: str, context: grpc.ServicerContext):
+    """Our status for a downstream error. Callers outside see no address or downstream detail
+    (those go to the log), except the client errors, which are about their own request."""
     code, details = error.code(), error.details()
     if code in _PASS_THROUGH:
         context.abort(code, details)
     if code in _UNAVAILABLE:
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"{downstream} is unavailable ({code.name}: {details})")
+        log.warning("%s is unavailable: %s %s", downstream, code.name, details)
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{downstream} is unavailable ({code.name})")
     log.error("%s failed: %s %s", downstream, code, details)
     context.abort(grpc.StatusCode.INTERNAL, f"{downstream} failed: {code.name}")

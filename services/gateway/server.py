@@ -14,7 +14,9 @@ from typing import Iterator
 import grpc
 
 from semsearch.v1 import encoder_pb2, gateway_pb2, gateway_pb2_grpc, index_pb2
+from services.common import limits as limits_module
 from services.common import security
+from services.common.limits import Limits
 from services.common import server as common
 from services.gateway.downstream import Downstream, VersionMismatch
 from services.index import live
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 MAX_K = 1000
 MAX_ADD = 64
-VERSION_ATTEMPTS = 6
+VERSION_ATTEMPTS = 3  # "" (current), then the version a refusal named, once more if a switch intervened
 VERSION_RETRY_PAUSE = 0.1
 DEFAULT_TIMEOUT = 10.0
 HEALTH_POLL_SECONDS = 1.0
@@ -114,6 +116,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if len(request.images) > MAX_ADD:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{len(request.images)} images in one call; the limit is {MAX_ADD}")
+        long = [image.label for image in request.images if image.HasField("label") and len(image.label) > live.MAX_LABEL_CHARS]
+        if long:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"a label is {len(long[0])} characters; the limit is {live.MAX_LABEL_CHARS}")
         ids = [live.image_id(image.image) for image in request.images]
 
         def attempt(version: str) -> None:
@@ -159,11 +165,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """
         version, tried = "", set()
         for number in range(VERSION_ATTEMPTS):
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                break  # the caller has given up: no more downstream calls for it
             try:
                 return attempt(version)
             except VersionMismatch as mismatch:
-                if mismatch.version in tried:
-                    time.sleep(VERSION_RETRY_PAUSE * number)  # both sides are mid-switch: give them a moment
+                if mismatch.version in tried:  # both sides are mid-switch: give them a moment
+                    time.sleep(min(VERSION_RETRY_PAUSE * number, max(0.0, (remaining or 1.0) / 2)))
                 tried.add(version := mismatch.version)
         context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder and the index are switching artifact versions; retry")
 
@@ -210,12 +219,12 @@ def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.E
 def run_server(port: int, encoder_address: str, index_address: str, host: str = "127.0.0.1",
                timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None,
                tls: security.ServerTls | None = None, downstream_tls: security.ClientTls | None = None,
-               tokens: list[str] | None = None) -> Iterator[tuple[grpc.Server, int]]:
+               tokens: list[str] | None = None, limits: Limits | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the gateway on `port` (0 picks a free one); SERVING while every downstream service is.
 
     Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
     `tls` secures this server, `downstream_tls` the calls to the encoder and index; with `tokens`,
-    every call but health and reflection needs `authorization: Bearer <one of them>`.
+    every call but health needs `authorization: Bearer <one of them>` (reflection too).
     """
     downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls)
     servicer = GatewayServicer(downstream)
@@ -226,7 +235,8 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
 
     stop = threading.Event()
     interceptors = [security.BearerTokenInterceptor(tokens)] if tokens else []
-    with common.grpc_server(port, add, host=host, tls=tls, interceptors=interceptors) as (server, bound, health_servicer):
+    with common.grpc_server(port, add, host=host, tls=tls, interceptors=interceptors,
+                            limits=limits) as (server, bound, health_servicer):
         watcher = threading.Thread(target=_watch_downstream, args=(downstream, health_servicer, stop),
                                    name="gateway-health", daemon=True)
         watcher.start()
@@ -253,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_server_tls_arguments(parser)
     security.add_client_tls_arguments(parser, "downstream-", "DOWNSTREAM_", "the encoder and index")
     security.add_token_arguments(parser)
+    limits_module.add_limit_arguments(parser)
     return parser
 
 
@@ -265,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     downstream_tls = security.or_exit("gateway", security.client_tls_from_args, args, "downstream-")
     tokens = security.or_exit("gateway", security.tokens_from_args, args)
     with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards,
-                    tls=tls, downstream_tls=downstream_tls, tokens=tokens):
+                    tls=tls, downstream_tls=downstream_tls, tokens=tokens, limits=limits_module.limits_from_args(args)):
         common.wait_for_signal(stop)
 
 

@@ -17,10 +17,13 @@ from typing import Collection
 import numpy as np
 import scann
 
+from services.common.errors import quoted
+
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
 BRUTE_FORCE_BELOW = 20_000
+EXCLUDE_SLACK = 16  # extra neighbours fetched when some ids are excluded
 
 
 class InvalidQuery(ValueError):
@@ -143,29 +146,45 @@ class VectorIndex:
     def _row(self, item_id: str) -> int:
         row = self._rows.get(item_id)
         if row is None:
-            raise UnknownId(f"no item {item_id!r} in index {self.name!r}")
+            raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r}")
         return row
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
-        """Top k by cosine similarity, best first; `exclude` ids are left out."""
+        """Top k by cosine similarity, best first; `exclude` ids are left out.
+
+        Excluded ids cost what they take from the top, not what they number: the search fetches
+        somewhat more than k (as many more as excluded ids are expected among them) and fetches
+        again, 4x deeper, only while excluded hits leave it short.
+        """
         check_k(k)
         check_min_score(min_score)
         query = unit_query(query, self.dimension)
-        wanted = min(k + len(exclude), len(self.items))
-        if wanted == 0:
-            return []
+        wanted = min(k, len(self.items))
+        if exclude:  # expect excluded ids in the top at the rate they are in the index (at most 90%)
+            share = min(len(exclude) / len(self.items), 0.9) if self.items else 0.0
+            wanted = min(math.ceil((k + EXCLUDE_SLACK) / (1 - share)), len(self.items))
+        while wanted > 0:
+            rows, scores = self._nearest(query, wanted)
+            hits, below = [], False
+            for row, score in zip(rows.tolist(), scores.tolist()):  # best first
+                if min_score is not None and score < min_score:
+                    below = True
+                    break
+                item = self.items[row]
+                if item.id not in exclude:
+                    hits.append(Hit(item, score))
+                    if len(hits) == k:
+                        break
+            if len(hits) == k or below or wanted >= len(self.items) or len(rows) < wanted:
+                return hits
+            wanted = min(4 * wanted, len(self.items))
+        return []
+
+    def _nearest(self, query: np.ndarray, wanted: int):
         if self.config.method == "brute_force":
-            rows, scores = self._searcher.search(query, final_num_neighbors=wanted)
-        else:
-            rows, scores = self._searcher.search(
-                query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted)
-            )
-        hits = [Hit(self.items[row], float(score)) for row, score in zip(rows, scores)]
-        if exclude:
-            hits = [hit for hit in hits if hit.item.id not in exclude]
-        if min_score is not None:
-            hits = [hit for hit in hits if hit.score >= min_score]
-        return hits[:k]
+            return self._searcher.search(query, final_num_neighbors=wanted)
+        return self._searcher.search(
+            query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted))
 
     def save(self, directory: Path) -> None:
         (directory / "scann").mkdir(parents=True, exist_ok=True)
@@ -310,5 +329,5 @@ class IndexSet:
     def get(self, name: str) -> VectorIndex | ShardedIndex:
         index = self.indexes.get(name)
         if index is None:
-            raise UnknownIndex(f"no index named {name!r}; there are: {', '.join(sorted(self.indexes))}")
+            raise UnknownIndex(f"no index named {quoted(name)}; there are: {', '.join(sorted(self.indexes))}")
         return index

@@ -14,7 +14,9 @@ import grpc
 
 from semsearch.v1 import index_pb2, index_pb2_grpc
 from services.common import artifact
+from services.common import limits as limits_module
 from services.common import security
+from services.common.limits import Limits
 from services.common import server as common
 from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
 from services.index.live import LiveImages, space_of
@@ -137,7 +139,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
 @contextmanager
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", names: list[str] | None = None,
                shard: int | None = None, on_load_failure=None, tls: security.ServerTls | None = None,
-               reload_seconds: float = common.RELOAD_SECONDS) -> Iterator[tuple[grpc.Server, int]]:
+               reload_seconds: float = common.RELOAD_SECONDS,
+               limits: Limits | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded.
 
     `names` limits which indexes load; `shard` serves one shard of each sharded index. With `tls` it
@@ -148,7 +151,7 @@ def run_server(port: int, artifacts: str, host: str = "127.0.0.1", names: list[s
         port, host, SERVICE,
         lambda server, loading: index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(loading), server),
         artifacts, lambda directory: load_index_set(directory, names, shard), on_load_failure, tls=tls,
-        reload_seconds=reload_seconds,
+        reload_seconds=reload_seconds, limits=limits,
     ) as running:
         yield running
 
@@ -163,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", type=int, default=None,
                         help="serve only this shard of each sharded index (default: all shards, merged)")
     common.add_reload_argument(parser)
+    limits_module.add_limit_arguments(parser)
     security.add_server_tls_arguments(parser)
     return parser
 
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [name for name in args.indexes.split(",") if name] or None
     tls = security.or_exit("index", security.server_tls_from_args, args)
     sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, names, args.shard, tls=tls,
-                                     reload_seconds=args.reload_seconds))
+                                  reload_seconds=args.reload_seconds, limits=limits_module.limits_from_args(args)))
 
 
 if __name__ == "__main__":
