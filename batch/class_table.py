@@ -75,3 +75,25 @@ def class_table(rows: dict[str, int], vectors: np.ndarray, wordnet: WordNet | No
         if norm > 0:
             table[k] = total / norm
     return table
+
+
+def expansions(wordnet: WordNet, rows: dict[str, int], table: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Query expansion for words that name ImageNet classes or their hypernyms (`dog`, `animal`,
+    `instrument`): each such one-word WordNet lemma -> the unit mean of the class vectors below it.
+
+    A broad word's own GloVe vector says little about which photos it covers; the classes below it
+    in WordNet say exactly that, in the same space as ConSE's photo vectors.
+    """
+    _, wnids = imagenet_classes()
+    below: dict[str, set[int]] = {}
+    for k, wnid in enumerate(wnids):
+        if not table[k].any():
+            continue
+        for offset in wordnet.ancestors(wnid) | {wnid.lstrip("n")}:
+            for lemma in wordnet.synsets[offset].words:
+                lemma = lemma.lower()
+                if " " not in lemma and lemma in rows:
+                    below.setdefault(lemma, set()).add(k)
+    words = sorted(below)
+    vectors = np.stack([table[sorted(below[w])].mean(axis=0) for w in words]).astype(np.float32)
+    return words, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from batch import open_vocab, quality
-from batch.open_vocab import OpenSet, broad_precision, broad_words, label_query, retrieval, split_labels
+from batch.open_vocab import Expand, OpenSet, broad_precision, broad_words, label_query, retrieval, split_labels
 from batch.wordnet import WordNet
 from batch.train_head import HeadConfig, split, train_head
 from services.encoder.modes import MODES, Familiarity, Modes
@@ -29,15 +29,15 @@ ZERO_SHOT_VAL_FRACTION = 0.2  # of 5 photos per category: 4 train the head, 1 va
 
 
 def _halves(vectors: np.ndarray, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
-            broad: dict[str, dict[str, list[str]]] | None = None) -> dict:
+            expand: Expand | None, broad: dict[str, dict[str, list[str]]] | None = None) -> dict:
     validation, test = split_labels(set(photos.truth.tolist()))
     out = {}
     for half, queries in (("test", test), ("validation", validation), ("all", validation + test)):
-        result = retrieval(vectors, photos.truth, queries, rows, word_vectors)
+        result = retrieval(vectors, photos.truth, queries, rows, word_vectors, expand)
         out[half] = {"p5": result["p5"], "map": result["map"], "queries": result["queries"],
                      "not_asked": result["not_asked"]}
         if broad and broad.get(half):
-            words = broad_precision(vectors, photos.truth, broad[half], rows, word_vectors)
+            words = broad_precision(vectors, photos.truth, broad[half], rows, word_vectors, expand=expand)
             out[half].update(broad_p10=words["p10"], broad_queries=words["queries"])
     return out
 
@@ -53,7 +53,8 @@ def broad_queries(photos: OpenSet, names: WordNet, rows: dict[str, int]) -> dict
 
 def open_vocabulary(modes: Modes, photos: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
                     broad: dict[str, dict[str, list[str]]] | None = None) -> dict:
-    by_mode = {mode: _halves(modes.embed(photos.features, mode), photos, rows, word_vectors, broad) for mode in MODES}
+    by_mode = {mode: _halves(modes.embed(photos.features, mode), photos, rows, word_vectors, modes.expand, broad)
+               for mode in MODES}
     return {"photos": int(len(photos.truth)), "categories": int(len(set(photos.truth.tolist()))),
             "modes": by_mode, "default": modes.params.default, "random_p5": 5 / len(photos.truth),
             "broad_words": broad or {}}
@@ -83,13 +84,14 @@ def _choose_gate(photos: OpenSet, validation: list[str], rows: dict[str, int], w
     keep = np.isin(photos.truth, validation)
     features, truth = photos.features[keep], photos.truth[keep]
     hybrid, conse = inner.embed(features, "hybrid"), inner.conse(features)
-    floor = retrieval(inner.embed(features, "devise"), truth, trained, rows, word_vectors)["map"] - quality.TOLERANCE
+    floor = retrieval(inner.embed(features, "devise"), truth, trained, rows, word_vectors,
+                      inner.expand)["map"] - quality.TOLERANCE
     best, scores = None, {}
     for center in quality.GATE_CENTERS:
         for width in quality.GATE_WIDTHS:
             vectors = inner.gated(features, hybrid, conse, center, width)
-            seen = retrieval(vectors, truth, trained, rows, word_vectors)["map"]
-            new = retrieval(vectors, truth, unseen, rows, word_vectors)["map"]
+            seen = retrieval(vectors, truth, trained, rows, word_vectors, inner.expand)["map"]
+            new = retrieval(vectors, truth, unseen, rows, word_vectors, inner.expand)["map"]
             scores[f"{center}/{width}"] = {"trained_map": seen, "unseen_map": new}
             if seen >= floor and (best is None or new > best[0] + 1e-9):
                 best = (new, center, width)
@@ -107,7 +109,7 @@ def real_zero_shot(modes: Modes, photos: OpenSet, rows: dict[str, int], word_vec
     real = real.with_params(gate_center=gate["center"], gate_width=gate["width"])
     by_mode = {}
     for mode in MODES:
-        halves = _halves(real.embed(photos.features, mode), photos, rows, word_vectors)
+        halves = _halves(real.embed(photos.features, mode), photos, rows, word_vectors, real.expand)
         by_mode[mode] = {"unseen": halves["test"], "seen": halves["validation"]}
     return {"labels": len(labels), "trained_on": trained_on, "head_validation": validated_on, "gate": gate,
             "modes": by_mode, "default": modes.params.default}
@@ -117,7 +119,7 @@ def galleries(out: Path, modes: Modes, photos: OpenSet, rows: dict[str, int], wo
     vectors = {mode: modes.embed(photos.features, mode) for mode in MODES}
     path = quality.gallery(out / "gallery-real-photos.html", vectors, photos.paths, photos.ids,
                            photos.truth.tolist(), rows, word_vectors, quality.OPEN_GALLERY_QUERIES,
-                           title=f"{len(photos.truth)} real photos", relevance=False)
+                           title=f"{len(photos.truth)} real photos", relevance=False, expand=modes.expand)
     return str(path)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from services.encoder.query import Term, embed
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OPEN_DATA = REPO.parent / "shared" / "data" / "imagenet200"
 _WNID = re.compile(r"^(n\d{8})_")
+Expand = Callable[[str, np.ndarray], np.ndarray]  # a text query word's vector -> its expanded vector
 
 
 def default_folder() -> str | None:
@@ -44,9 +46,9 @@ def split_labels(labels: list[str] | set[str]) -> tuple[list[str], list[str]]:
     return ordered[0::2], ordered[1::2]
 
 
-def label_query(label: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
+def label_query(label: str, rows: dict[str, int], vectors: np.ndarray, expand: Expand | None = None) -> np.ndarray | None:
     words = [w for w in re.split(r"[_\-\s]+", label.lower()) if w and w != "or" and w in rows]
-    return embed([Term(w, 1.0) for w in words], rows, vectors) if words else None
+    return embed([Term(w, 1.0) for w in words], rows, vectors, expand) if words else None
 
 
 def records(folder: str | Path, half: str = "all") -> list[ImageRecord]:
@@ -70,10 +72,12 @@ class OpenSet:
     synsets: dict[str, str] = field(default_factory=dict)  # category -> WordNet id, where file names tell
     broad: dict[str, list[str]] = field(default_factory=dict)  # broad word -> its categories (broad_words)
 
-    def score(self, vectors: np.ndarray, rows: dict[str, int], word_vectors: np.ndarray) -> dict:
+    def score(self, vectors: np.ndarray, rows: dict[str, int], word_vectors: np.ndarray,
+              expand: Expand | None = None) -> dict:
         """Category-name mAP, broad-word P@10, and `score`: their mean (the mAP alone without broad words)."""
-        names = retrieval(vectors, self.truth, sorted(set(self.truth.tolist())), rows, word_vectors)["map"]
-        broad = broad_precision(vectors, self.truth, self.broad, rows, word_vectors)["p10"] if self.broad else None
+        names = retrieval(vectors, self.truth, sorted(set(self.truth.tolist())), rows, word_vectors, expand)["map"]
+        broad = (broad_precision(vectors, self.truth, self.broad, rows, word_vectors, expand=expand)["p10"]
+                 if self.broad else None)
         return {"map": names, "broad_p10": broad, "score": names if broad is None else (names + broad) / 2}
 
 
@@ -103,20 +107,21 @@ def broad_words(synsets: dict[str, str], categories: list[str], names: WordNet, 
 
 
 def broad_precision(vectors: np.ndarray, truth: np.ndarray, queries: dict[str, list[str]], rows: dict[str, int],
-                    word_vectors: np.ndarray, k: int = 10) -> dict:
+                    word_vectors: np.ndarray, k: int = 10, expand: Expand | None = None) -> dict:
     """precision@k of each broad word over `vectors`, relevant = photos of its categories; and the mean."""
-    per_query = {word: float(np.isin(truth[np.argsort(-(vectors @ word_vectors[rows[word]]))[:k]], labels).mean())
+    per_query = {word: float(np.isin(truth[np.argsort(-(vectors @ embed([Term(word, 1.0)], rows, word_vectors,
+                                                                        expand)))[:k]], labels).mean())
                  for word, labels in queries.items()}
     return {"queries": len(per_query), "p10": float(np.mean(list(per_query.values()))) if per_query else 0.0,
             "per_query": per_query}
 
 
 def retrieval(vectors: np.ndarray, truth: np.ndarray, queries: list[str], rows: dict[str, int],
-              word_vectors: np.ndarray) -> dict:
+              word_vectors: np.ndarray, expand: Expand | None = None) -> dict:
     """P@5 and AP of each category name as a query over `vectors` (unit, one per photo), and their means."""
     per_query, skipped = {}, []
     for label in queries:
-        query = label_query(label, rows, word_vectors)
+        query = label_query(label, rows, word_vectors, expand)
         if query is None:
             skipped.append(label)
             continue

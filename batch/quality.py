@@ -21,14 +21,15 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from functools import partial
 from typing import Callable
 
 import numpy as np
 
 from batch.class_table import PLAIN, Enrichment
-from batch.open_vocab import OpenSet
+from batch.open_vocab import Expand, OpenSet
 from services.encoder.head import Head
-from services.encoder.modes import MODES, Modes
+from services.encoder.modes import MODES, Modes, QueryExpansion
 from services.encoder.query import Term, embed
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ ENRICHMENTS = tuple(Enrichment(s, h, d) for s in (0.5, 1.0) for h in (0.0, 0.5, 
                     for d in (0.3, 0.6, 0.8) if h > 0 or d == 0.3)
 GATE_CENTERS = (2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0)  # gated: z of half head, half ConSE
 GATE_WIDTHS = (0.5, 1.0, 2.0)
+EXPANSIONS = (0.0, 0.5, 1.0, 2.0, 4.0)  # weight of a text query word's WordNet expansion (QueryExpansion)
+MakeTable = Callable[[Enrichment], tuple[np.ndarray, QueryExpansion]]  # class vectors and their query expansion
 OPEN_SCORE = ("open-vocabulary score (the mean of category-name mAP and broad-word P@10 on the validation "
               "half's photos; the mAP alone where no broad words are known)")
 
@@ -178,15 +181,15 @@ def zero_shot_rows(label_ids: np.ndarray, val_rows: np.ndarray, labels: list[str
 def choose(modes: Modes, features: np.ndarray, truth: np.ndarray, labels: list[str], words: list[str],
            rows: dict[str, int], word_vectors: np.ndarray, extras: Extras | None,
            zero_shot_features: np.ndarray | None = None, zero_shot_truth: np.ndarray | None = None,
-           open_set: OpenSet | None = None, make_table: Callable[[Enrichment], np.ndarray] | None = None
+           open_set: OpenSet | None = None, make_table: MakeTable | None = None
            ) -> tuple[Modes, dict]:
     """Mode parameters from validation figures, never from a test split.
 
     `features`/`truth`: the training folder's validation split (trained labels). `open_set`: real
     photos of the validation half of an open-vocabulary folder (words never trained on), if any.
 
-    - ConSE's class vectors (WordNet enrichment, `make_table`) and T: best OPEN_SCORE (without an
-      open set: best flat hit@1 on the trained labels).
+    - ConSE's class vectors (WordNet enrichment, `make_table`), T and the text queries' expansion
+      weight: best OPEN_SCORE (without an open set: best flat hit@1 on the trained labels, no expansion).
     - hybrid beta: the largest whose tag hit@1 stays within TOLERANCE of devise's.
     - the gate's center and width: best OPEN_SCORE of `gated` among those keeping flat and
       tag hit@1 within TOLERANCE of devise's.
@@ -242,30 +245,39 @@ def _describe(open_set: OpenSet | None) -> dict:
             "split": "validation half of the open-vocabulary folder's categories (batch/open_vocab.py)"}
 
 
-def _open_score(vectors: np.ndarray, open_set: OpenSet, rows: dict[str, int], word_vectors: np.ndarray) -> float:
-    return open_set.score(vectors, rows, word_vectors)["score"]
+def _open_score(vectors: np.ndarray, open_set: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
+                expand: Expand | None) -> float:
+    return open_set.score(vectors, rows, word_vectors, expand)["score"]
 
 
 def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None,
-                  make_table: Callable[[Enrichment], np.ndarray] | None, rows: dict[str, int], figures: dict) -> Modes:
-    """ConSE's class vectors and T."""
+                  make_table: MakeTable | None, rows: dict[str, int], figures: dict) -> Modes:
+    """ConSE's class vectors, T and the text queries' expansion weight."""
     candidates = (ENRICHMENTS if open_set is not None else (PLAIN, Enrichment())) if make_table else (None,)
     best, scores = None, {}
     for enrichment in candidates:
-        candidate = modes.with_table(make_table(enrichment)) if enrichment is not None else modes
+        candidate = modes.with_table(*make_table(enrichment)) if enrichment is not None else modes
         for top in TOPS:
-            if open_set is not None:
-                score = _open_score(candidate.conse(open_set.features, top), open_set, rows, trained.word_vectors)
-            else:
-                score = hits(candidate.conse(trained.features, top) @ trained.label_vectors.T, trained.truth, (1,))["hit1"]
-            scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top}"] = score
-            if best is None or score > best[0] + 1e-9:
-                best = (score, enrichment, top, candidate)
-    score, enrichment, top, modes = best
+            for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
+                if open_set is not None:
+                    expand = partial(_expand, candidate.expansion, weight=weight)
+                    score = _open_score(candidate.conse(open_set.features, top), open_set, rows,
+                                        trained.word_vectors, expand)
+                else:
+                    score = hits(candidate.conse(trained.features, top) @ trained.label_vectors.T, trained.truth,
+                                 (1,))["hit1"]
+                scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top} expand {weight}"] = score
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, enrichment, top, weight, candidate)
+    score, enrichment, top, weight, modes = best
     figures["conse"] = {"rule": f"best {OPEN_SCORE}" if open_set is not None else "best flat hit@1",
-                        "enrichment": enrichment.to_dict() if enrichment else None, "top": top, "score": score,
-                        "scores": scores}
-    return modes.with_params(top=top)
+                        "enrichment": enrichment.to_dict() if enrichment else None, "top": top, "expand": weight,
+                        "score": score, "scores": scores}
+    return modes.with_params(top=top, expand=weight)
+
+
+def _expand(expansion: QueryExpansion, word: str, vector: np.ndarray, weight: float) -> np.ndarray:
+    return expansion.apply(word, vector, weight)
 
 
 def _choose_beta(modes: Modes, trained: _TrainedLabels, figures: dict) -> Modes:
@@ -296,7 +308,8 @@ def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None
         for width in GATE_WIDTHS:
             (tf, th, tc), (of, oh, oc) = parts
             keeps = trained.keeps(modes.gated(tf, th, tc, center, width), devise)
-            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, rows, trained.word_vectors)
+            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, rows, trained.word_vectors,
+                                modes.expand)
             scores[f"{center}/{width}"] = {"open_score": score, "keeps_trained_labels": keeps}
             if keeps and (best is None or score > best[0] + 1e-9):
                 best = (score, center, width)
@@ -313,7 +326,8 @@ def _choose_default(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | N
     devise = (figures["devise_flat_hit1"], figures["devise_tag_hit1"])
     if open_set is None:
         vectors = {mode: modes.embed(trained.features, mode) for mode in ("devise", "hybrid")}
-        concepts = concept_benchmark(vectors, [labels[t] for t in trained.truth], rows, trained.word_vectors)["mean"]
+        concepts = concept_benchmark(vectors, [labels[t] for t in trained.truth], rows, trained.word_vectors,
+                                     expand=modes.expand)["mean"]
         figures.update(devise_concepts_p10=concepts["devise"], hybrid_concepts_p10=concepts["hybrid"],
                        default_rule="hybrid if beta > 0 and its concept precision@10 >= devise's, else devise")
         return "hybrid" if modes.params.beta > 0 and concepts["hybrid"] >= concepts["devise"] else "devise"
@@ -322,7 +336,8 @@ def _choose_default(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | N
         if mode == "gated" and modes.familiarity is None:
             continue
         keeps = trained.keeps(modes.embed(trained.features, mode), devise)
-        candidates[mode] = {**open_set.score(modes.embed(open_set.features, mode), rows, trained.word_vectors),
+        candidates[mode] = {**open_set.score(modes.embed(open_set.features, mode), rows, trained.word_vectors,
+                                             modes.expand),
                             "keeps_trained_labels": keeps}
     figures.update(modes=candidates, default_rule=f"best {OPEN_SCORE} among the modes keeping flat and tag "
                                                   f"hit@1 within {TOLERANCE} of devise's")
@@ -395,15 +410,15 @@ def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: 
                 "seen_hit1_among_seen": float(np.mean(seen_only[~u].argmax(1) == truth[~u])) if (~u).any() else 0.0,
             }
         zs_vectors = {mode: zs.embed(features, mode, beta=beta) for mode in MODES}
-        block["concepts_p10"] = concept_benchmark(zs_vectors, truth_labels, rows, word_vectors,
+        block["concepts_p10"] = concept_benchmark(zs_vectors, truth_labels, rows, word_vectors, expand=modes.expand,
                                                   only={c for c, rel in CONCEPTS.items()
                                                         if set(rel) & set(extras.held_out)})
         out["zero_shot"] = block
-    out["concepts"] = concept_benchmark(vectors, truth_labels, rows, word_vectors)
+    out["concepts"] = concept_benchmark(vectors, truth_labels, rows, word_vectors, expand=modes.expand)
     default = vectors[modes.params.default]
     out["examples"] = {}
     for text in EXAMPLES:
-        vector = _query(text, rows, word_vectors)
+        vector = _query(text, rows, word_vectors, modes.expand)
         if vector is None:
             continue
         top = np.argsort(-(default @ vector))[:5]
@@ -412,17 +427,18 @@ def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: 
     return out
 
 
-def _query(text: str, rows: dict[str, int], word_vectors: np.ndarray) -> np.ndarray | None:
+def _query(text: str, rows: dict[str, int], word_vectors: np.ndarray, expand: Expand | None = None) -> np.ndarray | None:
     from services.encoder import query
 
     try:
-        return query.embed(query.parse(text), rows, word_vectors)
+        return query.embed(query.parse(text), rows, word_vectors, expand)
     except (query.QueryError, query.UnknownWordsError):
         return None
 
 
 def concept_benchmark(vectors: dict[str, np.ndarray], truth_labels: list[str], rows: dict[str, int],
-                      word_vectors: np.ndarray, k: int = 10, only: set[str] | None = None) -> dict:
+                      word_vectors: np.ndarray, k: int = 10, only: set[str] | None = None,
+                      expand: Expand | None = None) -> dict:
     """precision@k of text -> image search for each concept word, per mode, and the mean."""
     present = set(truth_labels)
     truth = np.asarray(truth_labels)
@@ -432,7 +448,7 @@ def concept_benchmark(vectors: dict[str, np.ndarray], truth_labels: list[str], r
             continue
         if concept not in rows or not set(relevant) & present:
             continue
-        vector = word_vectors[rows[concept]]
+        vector = _query(concept, rows, word_vectors, expand)
         out["queries"][concept] = {"relevant": list(relevant)}
         for mode, mode_vectors in vectors.items():
             top = np.argsort(-(mode_vectors @ vector))[:k]
@@ -504,7 +520,8 @@ def markdown(result: dict) -> str:
 
 def gallery(path: Path, vectors: dict[str, np.ndarray], image_paths: list[str], ids: list[str],
             truth_labels: list[str], rows: dict[str, int], word_vectors: np.ndarray,
-            queries=GALLERY_QUERIES, k: int = 10, title: str = "", relevance: bool = True) -> Path:
+            queries=GALLERY_QUERIES, k: int = 10, title: str = "", relevance: bool = True,
+            expand: Expand | None = None) -> Path:
     """One HTML page: for each concept query, the top k photos of each mode side by side."""
     from services.gateway.gallery import _STYLE, _figure
 
@@ -512,7 +529,7 @@ def gallery(path: Path, vectors: dict[str, np.ndarray], image_paths: list[str], 
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(heading)}</title>",
              f"<style>{_STYLE}</style><h1>{html.escape(heading)}</h1>"]
     for text in queries:
-        vector = _query(text, rows, word_vectors)
+        vector = _query(text, rows, word_vectors, expand)
         if vector is None:
             continue
         relevant = CONCEPTS.get(text, ()) if relevance else ()

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 from batch import backbones, open_vocab, quality, wordnet
-from batch.class_table import class_table
+from batch.class_table import Enrichment, class_table, expansions
 from batch.build_index import build_indexes
 from batch.extract import extract
 from batch.images import ImageRecord, labelled, list_images
@@ -26,7 +26,7 @@ from batch.publish import new_staging, publish
 from batch.train_head import HeadConfig, split, train_head
 from services.common import artifact
 from services.encoder import word_vectors
-from services.encoder.modes import FILE as MODES_FILE, Familiarity, Modes
+from services.encoder.modes import FILE as MODES_FILE, Familiarity, Modes, QueryExpansion
 from services.index import live
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,14 @@ def tag_hit_at_1(vectors: np.ndarray, true_words: list[str], words: word_vectors
     return hits / max(1, len(vectors))
 
 
+def _class_vectors(enrichment: Enrichment, rows: dict[str, int], vectors: np.ndarray,
+                   names: wordnet.WordNet) -> tuple[np.ndarray, QueryExpansion]:
+    """ConSE's class vectors and the text queries' expansion that goes with them."""
+    table = class_table(rows, vectors, names, enrichment)
+    found, expanded = expansions(names, rows, table)
+    return table, QueryExpansion(tuple(found), expanded)
+
+
 def _versions() -> dict[str, str]:
     names = ["torch", "onnxruntime", "scann", "ray", "numpy", "grpcio"]
     return {name: metadata.version(name) for name in names}
@@ -150,7 +158,8 @@ def run(options: Options) -> Path:
     quality_started = time.perf_counter()
     familiarity = Familiarity.fit(features[train_rows], label_ids[train_rows],
                                   features[val_rows] if len(val_rows) else features[train_rows])
-    modes = Modes.build(onnx_path, class_table(rows, words.vectors, names), trained.head, targets, familiarity)
+    table, expansion = _class_vectors(Enrichment(), rows, words.vectors, names)
+    modes = Modes.build(onnx_path, table, trained.head, targets, familiarity, expansion)
     open_set = open_vocab.open_set(open_records, extraction.features)
     if open_set is not None:
         open_set.broad = open_vocab.broad_words(open_set.synsets, sorted(set(open_set.truth.tolist())), names, rows)
@@ -164,7 +173,7 @@ def run(options: Options) -> Path:
         modes, mode_params = quality.choose(
             modes, features[val_rows], label_ids[val_rows], labels, words.words, rows, words.vectors, extras,
             features[zs_rows], label_ids[zs_rows], open_set,
-            lambda enrichment: class_table(rows, words.vectors, names, enrichment))
+            lambda enrichment: _class_vectors(enrichment, rows, words.vectors, names))
         quality_report = quality.report(modes, features[val_rows], [train_ok[i].label for i in val_rows], labels,
                                         words.words, rows, words.vectors, extras, ids=[train_ok[i].id for i in val_rows])
     quality_seconds = time.perf_counter() - quality_started

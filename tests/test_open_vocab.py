@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from batch import open_vocab, wordnet
-from batch.class_table import PLAIN, Enrichment, class_table, imagenet_classes
+from batch.class_table import PLAIN, Enrichment, class_table, expansions, imagenet_classes
+from services.encoder.modes import QueryExpansion
 from services.encoder import word_vectors
 from services.encoder.query import Term, embed
 
@@ -103,3 +104,19 @@ def test_broad_precision_counts_photos_of_the_categories_below():
     result = open_vocab.broad_precision(vectors, truth, {"animal": ["cat", "dog"], "tool": ["hammer", "saw"]},
                                         rows, space, k=2)
     assert result["per_query"] == {"animal": 0.5, "tool": 1.0} and result["p10"] == 0.75
+
+
+def test_query_expansion_moves_a_word_towards_the_classes_below_it(names, words):
+    rows = words.index()
+    table = class_table(rows, words.vectors, names, Enrichment())
+    expansion = QueryExpansion(*(lambda found, vectors: (tuple(found), vectors))(*expansions(names, rows, table)))
+    classes, _ = imagenet_classes()
+    dog, animal, ocean = (words.vectors[rows[w]] for w in ("dog", "animal", "ocean"))
+    beagle, tabby, teapot = (table[classes.index(name)] for name in ("Beagle", "tabby cat", "teapot"))
+    expanded_dog = expansion.apply("dog", dog, 2.0)
+    assert expanded_dog @ beagle > dog @ beagle + 0.05 and abs(float(np.linalg.norm(expanded_dog)) - 1) < 1e-5
+    expanded_animal = expansion.apply("animal", animal, 2.0)
+    assert expanded_animal @ tabby > animal @ tabby and expanded_animal @ beagle > expanded_animal @ teapot
+    # A word that names no ImageNet class nor any of their hypernyms, or a zero weight, changes nothing.
+    assert "ocean" not in expansion.rows and np.array_equal(expansion.apply("ocean", ocean, 2.0), ocean)
+    assert np.array_equal(expansion.apply("dog", dog, 0.0), dog)

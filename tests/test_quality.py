@@ -206,6 +206,10 @@ def test_default_mode_finds_real_photos_by_words_it_never_trained_on(encoder, re
     """The head trained on 10 CIFAR labels; every imagenet200 category name as a query over 400 real photos."""
     truth, features = real
     figures = {mode: open_vocab.retrieval(encoder.modes.embed(features, mode), truth, sorted(set(truth)),
-                                          encoder.rows, encoder.word_vectors)["map"] for mode in MODES}
+                                          encoder.rows, encoder.word_vectors, encoder.modes.expand)["map"]
+               for mode in MODES}
     assert figures["devise"] < 0.15  # the known failure: every photo lands among ten words
     assert figures[encoder.default_mode] >= figures["conse"] - 0.02 and figures[encoder.default_mode] >= 0.6
+    # The text path is the one the figures used: the encoder expands a query word as chosen on validation.
+    vector, _ = encoder.encode_text("dog")
+    np.testing.assert_allclose(vector, encoder.modes.expand("dog", encoder.word_vectors[encoder.rows["dog"]]), atol=1e-6)

@@ -27,7 +27,7 @@ INDEXES = "indexes"
 REPORT = "report.json"
 UNREADABLE = "unreadable.txt"
 CURRENT = "current"
-FORMAT_VERSION = 3  # 2: modes.npz (the encoder modes) is part of every artifact; 3: with the gated mode's centroids
+FORMAT_VERSION = 3  # 2: modes.npz (the encoder modes) is part of every artifact; 3: gated centroids, query expansion
 
 
 class ArtifactError(FileNotFoundError):

@@ -48,7 +48,7 @@ class EncoderCore:
     def encode_text(self, text: str) -> tuple[np.ndarray, list[query.Term]]:
         """QueryError for a malformed query, UnknownWordsError naming words without a vector."""
         terms = query.parse(text)
-        return query.embed(terms, self.rows, self.word_vectors), terms
+        return query.embed(terms, self.rows, self.word_vectors, self.modes.expand), terms
 
     @property
     def default_mode(self) -> str:

@@ -88,11 +88,13 @@ class ModeParams:
     gamma: float = 0.0  # calibrated stacking: subtracted from trained labels' scores
     gate_center: float = -3.0  # gated: z at which a photo is half head, half ConSE
     gate_width: float = 0.5  # gated: how sharply the gate turns around its center (in z units)
+    expand: float = 0.0  # text queries: weight of a word's query expansion (QueryExpansion)
     chosen_on: dict = field(default_factory=dict)  # how the values were chosen (validation figures)
 
     def to_dict(self) -> dict:
         return {"default": self.default, "top": self.top, "beta": self.beta, "gamma": self.gamma,
-                "gate_center": self.gate_center, "gate_width": self.gate_width, "chosen_on": self.chosen_on}
+                "gate_center": self.gate_center, "gate_width": self.gate_width, "expand": self.expand,
+                "chosen_on": self.chosen_on}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "ModeParams":
@@ -101,7 +103,29 @@ class ModeParams:
         return cls(data.get("default", defaults.default), int(data.get("top", defaults.top)),
                    float(data.get("beta", defaults.beta)), float(data.get("gamma", defaults.gamma)),
                    float(data.get("gate_center", defaults.gate_center)),
-                   float(data.get("gate_width", defaults.gate_width)), dict(data.get("chosen_on", {})))
+                   float(data.get("gate_width", defaults.gate_width)), float(data.get("expand", defaults.expand)),
+                   dict(data.get("chosen_on", {})))
+
+
+@dataclass(frozen=True)
+class QueryExpansion:
+    """Words that name ImageNet classes or their WordNet hypernyms (`dog`, `animal`, `fruit`) -> the unit
+    mean of the class vectors below them (batch/class_table.py). A text query's word w becomes
+    unit(w + weight * expansion(w)): it moves to where ConSE puts photos of what the word covers."""
+
+    words: tuple[str, ...]
+    vectors: np.ndarray  # (len(words), D) unit
+    rows: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", {word: row for row, word in enumerate(self.words)})
+
+    def apply(self, word: str, vector: np.ndarray, weight: float) -> np.ndarray:
+        row = self.rows.get(word)
+        if row is None or weight == 0:
+            return vector
+        moved = vector + weight * self.vectors[row]
+        return (moved / np.linalg.norm(moved)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -135,7 +159,12 @@ class Modes:
     table: np.ndarray  # (classes, D) unit word vectors of the ImageNet class names
     basis: np.ndarray  # (D, r) orthonormal basis of the span of the trained label vectors
     familiarity: Familiarity | None = None  # for `gated`
+    expansion: QueryExpansion | None = None  # for text queries
     params: ModeParams = ModeParams()
+
+    def expand(self, word: str, vector: np.ndarray) -> np.ndarray:
+        """A text query word's vector with the artifact's query expansion (params.expand)."""
+        return self.expansion.apply(word, vector, self.params.expand) if self.expansion else vector
 
     def check(self, mode: str | None) -> str:
         mode = mode or self.params.default
@@ -201,21 +230,25 @@ class Modes:
         with open(path, "wb") as handle:
             np.savez(handle, classifier_w=self.classifier_w, classifier_b=self.classifier_b, table=self.table,
                      basis=self.basis, centroids=familiarity.centroids,
-                     familiarity=np.asarray([familiarity.mean, familiarity.std], np.float32))
+                     familiarity=np.asarray([familiarity.mean, familiarity.std], np.float32),
+                     expansion_words=np.asarray(self.expansion.words, dtype=str),
+                     expansion_vectors=self.expansion.vectors)
 
     @classmethod
     def load(cls, path: Path, head: Head | None, params: ModeParams) -> "Modes":
         with np.load(path) as data:
             mean, std = (float(x) for x in data["familiarity"])
+            expansion = QueryExpansion(tuple(data["expansion_words"].tolist()), data["expansion_vectors"])
             return cls(head, data["classifier_w"], data["classifier_b"], data["table"], data["basis"],
-                       Familiarity(data["centroids"], mean, std), params)
+                       Familiarity(data["centroids"], mean, std), expansion, params)
 
     @classmethod
     def build(cls, backbone_path: str | Path, table: np.ndarray, head: Head | None, label_vectors: np.ndarray,
-              familiarity: Familiarity | None = None, params: ModeParams = ModeParams()) -> "Modes":
+              familiarity: Familiarity | None = None, expansion: QueryExpansion | None = None,
+              params: ModeParams = ModeParams()) -> "Modes":
         """`table`: (classes, D) unit word vectors of the ImageNet classes (batch/class_table.py)."""
         weight, bias = classifier_from_onnx(backbone_path)
-        return cls(head, weight, bias, table, span_basis(label_vectors), familiarity, params)
+        return cls(head, weight, bias, table, span_basis(label_vectors), familiarity, expansion, params)
 
     def with_params(self, **changes) -> "Modes":
         return replace(self, params=replace(self.params, **changes))
@@ -226,8 +259,8 @@ class Modes:
         basis = self.basis if label_vectors is None else span_basis(label_vectors)
         return replace(self, head=head, basis=basis, familiarity=familiarity or self.familiarity)
 
-    def with_table(self, table: np.ndarray) -> "Modes":
-        return replace(self, table=table)
+    def with_table(self, table: np.ndarray, expansion: QueryExpansion | None = None) -> "Modes":
+        return replace(self, table=table, expansion=expansion or self.expansion)
 
 
 def span_basis(label_vectors: np.ndarray) -> np.ndarray:

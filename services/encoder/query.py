@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -77,15 +78,18 @@ def _row(word: str, rows: dict[str, int]) -> int | None:
     return row
 
 
-def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
-    """The unit vector of the weighted sum of the terms' unit word vectors."""
+def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray,
+          expand: Callable[[str, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The unit vector of the weighted sum of the terms' unit word vectors (each through `expand`, if
+    given: the encoder's query expansion, services/encoder/modes.py)."""
     found = {term.word: _row(term.word, rows) for term in terms}
     unknown = [word for word, row in found.items() if row is None]
     if unknown:
         raise UnknownWordsError(unknown)
     total = np.zeros(vectors.shape[1], dtype=np.float32)
     for term in terms:
-        total += term.weight * vectors[found[term.word]]
+        vector = vectors[found[term.word]]
+        total += term.weight * (expand(term.word, vector) if expand else vector)
     norm = float(np.linalg.norm(total))
     if norm == 0.0:
         raise QueryError("the query's terms cancel out")
