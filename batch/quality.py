@@ -469,7 +469,8 @@ def choice_lines(params: dict) -> list[str]:
     conse, gate = chosen.get("conse") or {}, chosen.get("gate") or {}
     lines = ["", f"Mode parameters, chosen on {where}; no test figure was looked at:", "",
              f"- default mode `{params['default']}`: {chosen.get('default_rule', '-')}",
-             f"- ConSE: T={params['top']}, class vectors {conse.get('enrichment')}: {conse.get('rule', '-')}",
+             f"- ConSE: T={params['top']}, class vectors {conse.get('enrichment')}, text query expansion weight "
+             f"{params.get('expand', 0.0)}: {conse.get('rule', '-')}",
              f"- hybrid beta={params['beta']}: the largest keeping tag hit@1 within {TOLERANCE} of devise's",
              f"- gated center={params.get('gate_center')}, width={params.get('gate_width')}: {gate.get('rule', '-')}"]
     for mode, figures in (chosen.get("modes") or {}).items():

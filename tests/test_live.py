@@ -78,6 +78,7 @@ def test_added_images_survive_a_killed_index_and_deletes_stick(root, cifar):
     with encoder_server.run_server(0, str(root)) as (_, encoder_port), \
             gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}", timeout=5.0) \
             as (_, gateway_port), Client(f"127.0.0.1:{gateway_port}") as client:
+        wait_serving(f"127.0.0.1:{encoder_port}")  # loading takes as long as the machine makes it
         with index_process(root, index_port) as first:
             before = client.similar(photo, k=1)[0]
             assert not before.id.startswith(live.ID_PREFIX)

@@ -25,10 +25,10 @@ QUERIES = ["ship", "dog", "cat sofa", "airplane+sky", "truck:2 road", "frog-bird
 
 
 @pytest.fixture(scope="module")
-def sharded_artifact(artifact_root, cache_dir, cifar, tmp_path_factory):
+def sharded_artifact(artifact_root, cache_dir, cifar, real_photos, tmp_path_factory):
     """The session artifact's job again, written as 3 image shards (training is deterministic)."""
     root = tmp_path_factory.mktemp("sharded")
-    run(train_options(cifar / "train", root, cache_dir, shards=SHARDS))
+    run(train_options(cifar / "train", root, cache_dir, shards=SHARDS, quality=True, open_data=real_photos))
     return root
 
 
