@@ -98,3 +98,34 @@ def test_cli_errors_are_one_clear_line(services, tmp_path):
     down = subprocess.run([*CLI, "--gateway", "127.0.0.1:1", "--timeout", "2", "words", "said"],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+_opened: list[str] | None = None
+
+
+def _record_opens(event: str, args) -> None:
+    if _opened is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+def test_cli_reads_result_images_only_for_the_html_page(services, tmp_path, capsys):
+    """Without --html the CLI prints the answer and opens no photo; --html reads them into the page."""
+    from services.gateway import cli
+
+    global _opened
+    page = tmp_path / "page.html"
+    try:
+        _opened = []
+        assert cli.main(["--gateway", services.gateway, "search", "ship", "-k", "20", "--json"]) == 0
+        plain = list(_opened)
+        _opened = []
+        assert cli.main(["--gateway", services.gateway, "search", "ship", "-k", "20", "--html", str(page)]) == 0
+        with_page = list(_opened)
+    finally:
+        _opened = None
+    hits = json.loads(capsys.readouterr().out.splitlines()[0])["results"]
+    assert len(hits) == 20 and [p for p in plain if p.endswith(".jpg")] == []
+    assert {hit["path"] for hit in hits} <= set(with_page) and page.read_text().count("<img") == 20

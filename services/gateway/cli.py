@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -89,28 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, str]:
-    """(JSON document, readable table, HTML page) for the parsed command."""
+def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, Callable[[], str]]:
+    """(JSON document, readable table, the HTML page's maker) for the parsed command.
+
+    The page reads and encodes every hit's image, so it is made only when `--html` asks for it."""
     if args.command == "search":
         hits = client.search(args.query, k=args.k, min_score=args.min_score)
-        return image_json(args.query, hits), _image_table(hits), gallery.render(f"search: {args.query}", hits)
+        return image_json(args.query, hits), _image_table(hits), lambda: gallery.render(f"search: {args.query}", hits)
     if args.command == "similar":
         hits = client.similar(_read_image(args.image), k=args.k, min_score=args.min_score)
-        page = gallery.render(f"similar to {args.image}", hits, query_image=args.image)
-        return image_json(args.image, hits), _image_table(hits), page
+        return image_json(args.image, hits), _image_table(hits), \
+            lambda: gallery.render(f"similar to {args.image}", hits, query_image=args.image)
     if args.command == "tag":
         hits = client.tag(_read_image(args.image), k=args.k, mode=args.mode)
-        page = gallery.render(f"tags for {args.image}", words=hits, query_image=args.image)
-        return word_json("tags", hits), _word_table(hits), page
+        return word_json("tags", hits), _word_table(hits), \
+            lambda: gallery.render(f"tags for {args.image}", words=hits, query_image=args.image)
     if args.command == "add":
         ids = client.add_images([_read_image(path) for path in args.images], [args.label] * len(args.images))
         return {"added": [{"file": path, "id": i} for path, i in zip(args.images, ids)]}, "\n".join(
-            f"{i}  {path}" for path, i in zip(args.images, ids)), ""
+            f"{i}  {path}" for path, i in zip(args.images, ids)), str
     if args.command == "delete":
         deleted = client.delete_images(args.ids)
-        return {"deleted": deleted}, f"deleted {deleted} image(s)", ""
+        return {"deleted": deleted}, f"deleted {deleted} image(s)", str
     hits = client.words(args.word, k=args.k)
-    return word_json("words", hits), _word_table(hits), gallery.render(f"words like {args.word}", words=hits)
+    return word_json("words", hits), _word_table(hits), lambda: gallery.render(f"words like {args.word}", words=hits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     print(json.dumps(document, ensure_ascii=False) if args.json else table)
     if getattr(args, "html", None):
-        Path(args.html).write_text(page, encoding="utf-8")
+        Path(args.html).write_text(page(), encoding="utf-8")
         print(f"gallery written to {args.html}", file=sys.stderr)
     return 0
 
