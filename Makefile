@@ -29,7 +29,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser batch-train serve stop demo eval capacity bench bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train serve stop demo eval capacity bench bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -149,6 +149,9 @@ $(WORDS_100D):
 
 $(ARTIFACTS)/current:
 	$(MAKE) --no-print-directory batch-train
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup browser
 	$(PY) -m pytest -q

@@ -95,6 +95,9 @@ def _choose_gate(photos: OpenSet, validation: list[str], rows: dict[str, int], w
             scores[f"{center}/{width}"] = {"trained_map": seen, "unseen_map": new}
             if seen >= floor and (best is None or new > best[0] + 1e-9):
                 best = (new, center, width)
+    if best is None:  # no gate keeps the trained categories: the one that leaves the most to the head
+        center, width = min(quality.GATE_CENTERS), min(quality.GATE_WIDTHS)
+        best = (scores[f"{center}/{width}"]["unseen_map"], center, width)
     return {"center": best[1], "width": best[2], "validation_unseen_map": best[0], "scores": scores,
             "rule": "inside the validation half: best mAP of categories never trained on, keeping the trained "
                     f"categories' mAP within {quality.TOLERANCE} of devise's"}

@@ -176,7 +176,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for row in report["indexes"]:
         c = row["config"]
-        config = c["method"] if c["method"] == "brute_force" else f"tree {c['num_leaves']}/{c['leaves_to_search']}, AH, reorder {c['reorder']}"
+        config = (c["method"] if c["method"] == "brute_force"
+                  else f"tree {c['num_leaves']}/{c['leaves_to_search']}, AH, reorder {c['reorder']}")
         lines.append(f"| {row['vectors']:,} | {row['dimension']} | {config} | {row['build_seconds']} | {row['recall_at_10']} | "
                      f"{row['search_ms_one_core']} | {row['qps_one_core']:,} | {row['memory_bytes_per_vector']:,} | "
                      f"{row['disk_bytes_per_vector']:,} |")

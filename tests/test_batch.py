@@ -98,4 +98,5 @@ def test_labels_without_word_vectors_are_named(tmp_path, cache_dir, cifar):
 
 def test_label_vectors_average_multi_word_labels():
     words = batch.train.word_vectors.WordVectors(["golden", "retriever"], np.eye(2, dtype=np.float32), "test")
-    np.testing.assert_allclose(quality.label_matrix(["golden_retriever"], words.index(), words.vectors), [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+    np.testing.assert_allclose(quality.label_matrix(["golden_retriever"], words.index(), words.vectors),
+                               [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)

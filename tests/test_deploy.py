@@ -55,7 +55,8 @@ def test_compose_file_fits_together():
     services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
     parsed = {name: parse_command(service["command"]) for name, service in services.items()}
     assert all(args.host == "0.0.0.0" for _, args in parsed.values())
-    shards = {args.shard: name for name, (module, args) in parsed.items() if module.endswith("index.server") and args.shard is not None}
+    shards = {args.shard: name for name, (module, args) in parsed.items()
+              if module.endswith("index.server") and args.shard is not None}
     assert sorted(shards) == [0, 1, 2]
     _, gateway = parsed["gateway"]
     assert gateway.image_shard == [f"{shards[i]}:{parsed[shards[i]][1].port}" for i in range(3)]
@@ -126,7 +127,8 @@ def test_kubernetes_manifests_fit_together():
     _, args = parse_command(gateway["command"] + gateway["args"])
     targets = [re.fullmatch(r"dns:///([\w-]+)\.semsearch\.svc\.cluster\.local:(\d+)", t) for t in
                [args.encoder, args.index, *args.image_shard]]
-    assert all(targets) and [t[1] for t in targets] == ["encoder", "index-words", "index-shard-0", "index-shard-1", "index-shard-2"]
+    assert all(targets)
+    assert [t[1] for t in targets] == ["encoder", "index-words", "index-shard-0", "index-shard-1", "index-shard-2"]
     assert all(int(t[2]) == ports[t[1]] for t in targets)
     (web,) = deployments["web"]["spec"]["template"]["spec"]["containers"]
     _, web_args = parse_command(web["command"] + web["args"])
@@ -179,7 +181,7 @@ def test_kubernetes_network_policy_lets_only_the_gateway_reach_encoder_and_index
     assert any(admits(rule, None, port["web"]) for rule in rules_for("web")), "clients reach the web service"
 
 
-@pytest.mark.parametrize("line", [l for l in (DEPLOY / "Dockerfile").read_text().splitlines() if l.startswith("COPY ")])
+@pytest.mark.parametrize("line", [x for x in (DEPLOY / "Dockerfile").read_text().splitlines() if x.startswith("COPY ")])
 def test_dockerfile_copies_what_exists(line):
     *sources, _ = line.split()[1:]
     assert all((REPO / source).exists() for source in sources), line

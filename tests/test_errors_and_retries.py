@@ -9,7 +9,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
+from semsearch.v1 import encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import server as common
 from services.gateway import downstream as gateway_downstream
 from services.gateway import server as gateway_server

@@ -72,7 +72,7 @@ def test_huge_inputs(gateway):
 def test_direct_calls_on_each_service(services):
     with grpc.insecure_channel(services.encoder) as e, grpc.insecure_channel(services.index) as i:
         encoder, index = encoder_pb2_grpc.EncoderStub(e), index_pb2_grpc.IndexStub(i)
-        vector = lambda values: index_pb2.FloatVector(values=values)
+        vector = lambda values: index_pb2.FloatVector(values=values)  # noqa: E731
         cases = [
             (encoder.EncodeText, encoder_pb2.EncodeTextRequest(text=" "), grpc.StatusCode.INVALID_ARGUMENT),
             (encoder.EncodeText, encoder_pb2.EncodeTextRequest(text="qqzzyx"), grpc.StatusCode.NOT_FOUND),

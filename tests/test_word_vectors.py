@@ -16,7 +16,8 @@ def test_packaged_glove_is_400k_unit_vectors_of_dimension_50():
     norms = np.linalg.norm(words.vectors, axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     rows = words.index()
-    assert words.vectors[rows["king"]] @ words.vectors[rows["queen"]] > words.vectors[rows["king"]] @ words.vectors[rows["banana"]]
+    king = words.vectors[rows["king"]]
+    assert king @ words.vectors[rows["queen"]] > king @ words.vectors[rows["banana"]]
 
 
 def test_glove_text_file_skips_malformed_lines(tmp_path):

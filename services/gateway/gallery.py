@@ -20,7 +20,8 @@ h1 { overflow-wrap: anywhere; font-size: 1.6em; }
 figure { margin: 0; width: 170px; background: #fff; border: 1px solid #ddd; padding: 5px; }
 figure img { width: 160px; height: 160px; object-fit: contain; image-rendering: auto; background: #eee; }
 figcaption { font-size: 12px; overflow-wrap: anywhere; }
-.missing { width: 160px; height: 160px; display: flex; align-items: center; justify-content: center; background: #eee; font-size: 12px; }
+.missing { width: 160px; height: 160px; display: flex; align-items: center; justify-content: center;
+           background: #eee; font-size: 12px; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: left; }
 """
 
