@@ -260,7 +260,7 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
         for top in TOPS:
             for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
                 if open_set is not None:
-                    expand = partial(_expand, candidate.expansion, weight=weight)
+                    expand = partial(candidate.expansion.apply, weight=weight)
                     score = _open_score(candidate.conse(open_set.features, top), open_set, rows,
                                         trained.word_vectors, expand)
                 else:
@@ -274,10 +274,6 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
                         "enrichment": enrichment.to_dict() if enrichment else None, "top": top, "expand": weight,
                         "score": score, "scores": scores}
     return modes.with_params(top=top, expand=weight)
-
-
-def _expand(expansion: QueryExpansion, word: str, vector: np.ndarray, weight: float) -> np.ndarray:
-    return expansion.apply(word, vector, weight)
 
 
 def _choose_beta(modes: Modes, trained: _TrainedLabels, figures: dict) -> Modes:
@@ -297,7 +293,7 @@ def _choose_beta(modes: Modes, trained: _TrainedLabels, figures: dict) -> Modes:
 
 def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None, rows: dict[str, int],
                  figures: dict) -> Modes:
-    """gated's center and width: best open-vocabulary mAP that keeps the trained labels' figures."""
+    """gated's center and width: best OPEN_SCORE that keeps the trained labels' figures."""
     if open_set is None or modes.familiarity is None:
         figures["gate"] = {"rule": "defaults (no open-vocabulary validation photos)"}
         return modes

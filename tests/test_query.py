@@ -52,3 +52,14 @@ def test_punctuation_at_word_ends_is_ignored_when_the_bare_word_is_known():
     with pytest.raises(UnknownWordsError) as error:
         embed(parse("zorp, 🐱"), rows, vectors)
     assert error.value.words == ["zorp,", "🐱"]
+
+
+def test_expansion_sees_the_vocabulary_word_not_its_punctuation():
+    """Plumbing, with a recording stand-in for the encoder's query expansion: `cat,` is expanded as `cat`."""
+    rows = {"cat": 0, "sofa": 1}
+    vectors = np.eye(2, dtype=np.float32)
+    seen = []
+    expand = lambda word, vector: seen.append(word) or vector  # noqa: E731
+    plain = embed(parse("cat sofa"), rows, vectors, expand)
+    assert np.array_equal(embed(parse("cat, sofa!"), rows, vectors, expand), plain)
+    assert seen == ["cat", "sofa", "cat", "sofa"]

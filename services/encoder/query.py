@@ -70,26 +70,27 @@ def parse(text: str) -> list[Term]:
 _EDGE_PUNCTUATION = ".,;:!?\"'()[]{}"
 
 
-def _row(word: str, rows: dict[str, int]) -> int | None:
-    """The word's row; failing that, the row of the word without punctuation at its ends (`hello,`)."""
-    row = rows.get(word)
-    if row is None and word.strip(_EDGE_PUNCTUATION):
-        row = rows.get(word.strip(_EDGE_PUNCTUATION))
-    return row
+def _vocabulary_word(word: str, rows: dict[str, int]) -> str | None:
+    """The word as the vocabulary has it; failing that, without punctuation at its ends (`hello,`)."""
+    if word in rows:
+        return word
+    bare = word.strip(_EDGE_PUNCTUATION)
+    return bare if bare and bare in rows else None
 
 
 def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray,
           expand: Callable[[str, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """The unit vector of the weighted sum of the terms' unit word vectors (each through `expand`, if
     given: the encoder's query expansion, services/encoder/modes.py)."""
-    found = {term.word: _row(term.word, rows) for term in terms}
-    unknown = [word for word, row in found.items() if row is None]
+    found = {term.word: _vocabulary_word(term.word, rows) for term in terms}
+    unknown = [word for word, known in found.items() if known is None]
     if unknown:
         raise UnknownWordsError(unknown)
     total = np.zeros(vectors.shape[1], dtype=np.float32)
     for term in terms:
-        vector = vectors[found[term.word]]
-        total += term.weight * (expand(term.word, vector) if expand else vector)
+        word = found[term.word]
+        vector = vectors[rows[word]]
+        total += term.weight * (expand(word, vector) if expand else vector)
     norm = float(np.linalg.norm(total))
     if norm == 0.0:
         raise QueryError("the query's terms cancel out")
