@@ -167,19 +167,19 @@ class LiveImages:
 
     def vector_of(self, item_id: str) -> np.ndarray:
         delta = self._delta
-        if item_id in delta.deleted:
-            raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r} (it was deleted)")
-        if item_id in delta.rows:
-            return delta.vectors[delta.rows[item_id]]
-        return self.base.vector_of(item_id)
+        row = self._added_row(delta, item_id)
+        return self.base.vector_of(item_id) if row is None else delta.vectors[row]
 
     def item_of(self, item_id: str) -> Item:
         delta = self._delta
+        row = self._added_row(delta, item_id)
+        return self.base.item_of(item_id) if row is None else delta.items[row]
+
+    def _added_row(self, delta, item_id: str) -> int | None:
+        """The row of a live-added image in `delta`; None for the artifact's own; UnknownId once deleted."""
         if item_id in delta.deleted:
-            raise UnknownId(f"no item {item_id!r} in index {self.name!r} (it was deleted)")
-        if item_id in delta.rows:
-            return delta.items[delta.rows[item_id]]
-        return self.base.item_of(item_id)
+            raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r} (it was deleted)")
+        return delta.rows.get(item_id)
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
         check_k(k)
