@@ -78,8 +78,10 @@ def class_table(rows: dict[str, int], vectors: np.ndarray, wordnet: WordNet | No
 
 
 def expansions(wordnet: WordNet, rows: dict[str, int], table: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Query expansion for words that name ImageNet classes or their hypernyms (`dog`, `animal`,
-    `instrument`): each such one-word WordNet lemma -> the unit mean of the class vectors below it.
+    """Query expansion for words and phrases that name ImageNet classes or their hypernyms (`dog`,
+    `animal`, `golf ball`): each such WordNet lemma all of whose words have a vector (a phrase's words
+    joined by a space; none with a hyphen, which a query reads as minus) -> the unit mean of the class
+    vectors below it.
 
     A broad word's own GloVe vector says little about which photos it covers; the classes below it
     in WordNet say exactly that, in the same space as ConSE's photo vectors.
@@ -92,7 +94,7 @@ def expansions(wordnet: WordNet, rows: dict[str, int], table: np.ndarray) -> tup
         for offset in wordnet.ancestors(wnid) | {wnid.lstrip("n")}:
             for lemma in wordnet.synsets[offset].words:
                 lemma = lemma.lower()
-                if " " not in lemma and lemma in rows:
+                if "-" not in lemma and all(word in rows for word in lemma.split(" ")):
                     below.setdefault(lemma, set()).add(k)
     words = sorted(below)
     vectors = np.stack([table[sorted(below[w])].mean(axis=0) for w in words]).astype(np.float32)

@@ -21,18 +21,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from batch.images import ImageRecord, labelled, list_images
 from batch.wordnet import WordNet
-from services.encoder.query import Term, embed
+from services.encoder.query import Expand, Term, embed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OPEN_DATA = REPO.parent / "shared" / "data" / "imagenet200"
 _WNID = re.compile(r"^(n\d{8})_")
-Expand = Callable[[str, np.ndarray], np.ndarray]  # a text query word's vector -> its expanded vector
 
 
 def default_folder() -> str | None:

@@ -21,7 +21,6 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -260,7 +259,7 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
         for top in TOPS:
             for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
                 if open_set is not None:
-                    expand = partial(candidate.expansion.apply, weight=weight)
+                    expand = candidate.expansion.at(weight)
                     score = _open_score(candidate.conse(open_set.features, top), open_set, rows,
                                         trained.word_vectors, expand)
                 else:

@@ -120,3 +120,20 @@ def test_query_expansion_moves_a_word_towards_the_classes_below_it(names, words)
     # A word that names no ImageNet class nor any of their hypernyms, or a zero weight, changes nothing.
     assert "ocean" not in expansion.rows and np.array_equal(expansion.apply("ocean", ocean, 2.0), ocean)
     assert np.array_equal(expansion.apply("dog", dog, 0.0), dog)
+
+
+def test_a_phrase_that_names_classes_moves_towards_them_as_one(names, words):
+    """`wind instrument`, `hunting dog`: WordNet lemmas of several words expand as phrases, towards the
+    classes below them, further than the words one by one reach."""
+    rows = words.index()
+    table = class_table(rows, words.vectors, names, Enrichment())
+    expansion = QueryExpansion(*(lambda found, vectors: (tuple(found), vectors))(*expansions(names, rows, table)))
+    classes, wnids = imagenet_classes()
+    for phrase, synset in (("wind instrument", "n04586932"), ("hunting dog", "n02087122")):
+        assert phrase in expansion.at(1.0) and phrase not in expansion.at(0.0)
+        below = [k for k, wnid in enumerate(wnids) if synset.lstrip("n") in names.ancestors(wnid)]
+        assert len(below) >= 5
+        terms = [Term(word, 1.0) for word in phrase.split()]
+        as_phrase = embed(terms, rows, words.vectors, expansion.at(1.0))
+        word_by_word = embed(terms, rows, words.vectors)
+        assert float(np.mean(table[below] @ as_phrase)) > float(np.mean(table[below] @ word_by_word)) + 0.05

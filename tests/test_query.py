@@ -54,12 +54,40 @@ def test_punctuation_at_word_ends_is_ignored_when_the_bare_word_is_known():
     assert error.value.words == ["zorp,", "🐱"]
 
 
+class _RecordingExpansion:
+    """A stand-in for the encoder's query expansion that records what it is asked and changes nothing."""
+
+    def __init__(self, phrases=()):
+        self.phrases, self.seen = set(phrases), []
+
+    def __contains__(self, phrase):
+        return phrase in self.phrases
+
+    def __call__(self, word, vector):
+        self.seen.append(word)
+        return vector
+
+
 def test_expansion_sees_the_vocabulary_word_not_its_punctuation():
     """Plumbing, with a recording stand-in for the encoder's query expansion: `cat,` is expanded as `cat`."""
     rows = {"cat": 0, "sofa": 1}
     vectors = np.eye(2, dtype=np.float32)
-    seen = []
-    expand = lambda word, vector: seen.append(word) or vector  # noqa: E731
+    expand = _RecordingExpansion()
     plain = embed(parse("cat sofa"), rows, vectors, expand)
     assert np.array_equal(embed(parse("cat, sofa!"), rows, vectors, expand), plain)
-    assert seen == ["cat", "sofa", "cat", "sofa"]
+    assert expand.seen == ["cat", "sofa", "cat", "sofa"]
+
+
+def test_a_known_phrase_is_expanded_as_one_term_of_its_words_weight():
+    """Plumbing, with a stand-in expansion that knows the phrase `golf ball`."""
+    rows = {"golf": 0, "ball": 1, "red": 2}
+    vectors = np.eye(3, dtype=np.float32)
+    expand = _RecordingExpansion({"golf ball"})
+    together = embed(parse("red golf ball"), rows, vectors, expand)
+    assert expand.seen == ["red", "golf ball"]
+    # The phrase weighs as its two words: an expansion that changes nothing gives the plain query's vector.
+    np.testing.assert_allclose(together, embed(parse("red golf ball"), rows, vectors), atol=1e-6)
+    expand.seen.clear()
+    embed(parse("golf:2 ball red"), rows, vectors, expand)  # unequal weights: two words, as written
+    embed(parse("ball golf"), rows, vectors, expand)
+    assert expand.seen == ["golf", "ball", "red", "ball", "golf"]

@@ -109,11 +109,12 @@ class ModeParams:
 
 @dataclass(frozen=True)
 class QueryExpansion:
-    """Words that name ImageNet classes or their WordNet hypernyms (`dog`, `animal`, `fruit`) -> the unit
-    mean of the class vectors below them (batch/class_table.py). A text query's word w becomes
-    unit(w + weight * expansion(w)): it moves to where ConSE puts photos of what the word covers."""
+    """Words and phrases that name ImageNet classes or their WordNet hypernyms (`dog`, `animal`,
+    `golf ball`) -> the unit mean of the class vectors below them (batch/class_table.py). A text query's
+    word or phrase w becomes unit(w + weight * expansion(w)): it moves to where ConSE puts photos of
+    what it covers."""
 
-    words: tuple[str, ...]
+    words: tuple[str, ...]  # a phrase's words are joined by one space
     vectors: np.ndarray  # (len(words), D) unit
     rows: dict[str, int] = field(default_factory=dict, compare=False)
 
@@ -126,6 +127,24 @@ class QueryExpansion:
             return vector
         moved = vector + weight * self.vectors[row]
         return (moved / np.linalg.norm(moved)).astype(np.float32)
+
+    def at(self, weight: float) -> "Expander":
+        return Expander(self, weight)
+
+
+@dataclass(frozen=True)
+class Expander:
+    """A query expansion at one weight, as services/encoder/query.py's `embed` takes it."""
+
+    expansion: QueryExpansion
+    weight: float
+
+    def __contains__(self, phrase: str) -> bool:
+        """Whether a phrase of several words expands as one (`golf ball`)."""
+        return self.weight != 0 and " " in phrase and phrase in self.expansion.rows
+
+    def __call__(self, word: str, vector: np.ndarray) -> np.ndarray:
+        return self.expansion.apply(word, vector, self.weight)
 
 
 @dataclass(frozen=True)
@@ -162,9 +181,10 @@ class Modes:
     expansion: QueryExpansion | None = None  # for text queries
     params: ModeParams = ModeParams()
 
-    def expand(self, word: str, vector: np.ndarray) -> np.ndarray:
-        """A text query word's vector with the artifact's query expansion (params.expand)."""
-        return self.expansion.apply(word, vector, self.params.expand) if self.expansion else vector
+    @property
+    def expand(self) -> Expander | None:
+        """The artifact's query expansion for text queries, at its weight (params.expand)."""
+        return self.expansion.at(self.params.expand) if self.expansion else None
 
     def check(self, mode: str | None) -> str:
         mode = mode or self.params.default

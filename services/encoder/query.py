@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from services.common.errors import listed, quoted
 
 MAX_QUERY_CHARS = 1000
 MAX_TERMS = 64
+MAX_PHRASE_WORDS = 4  # the longest run of query words looked up as one phrase (`golf ball`)
 
 _TERM = re.compile(r"([+-]?)([^\s+\-:]+)(?::([0-9]*\.?[0-9]+))?")
 
@@ -78,19 +79,45 @@ def _vocabulary_word(word: str, rows: dict[str, int]) -> str | None:
     return bare if bare and bare in rows else None
 
 
-def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray,
-          expand: Callable[[str, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """The unit vector of the weighted sum of the terms' unit word vectors (each through `expand`, if
-    given: the encoder's query expansion, services/encoder/modes.py)."""
+class Expand(Protocol):
+    """Query expansion (services/encoder/modes.py): a word's or a known phrase's vector, moved."""
+
+    def __contains__(self, phrase: str) -> bool: ...  # a phrase of several words that expands as one
+
+    def __call__(self, word: str, vector: np.ndarray) -> np.ndarray: ...
+
+
+def _groups(words: list[str], weights: list[float], expand: Expand | None) -> list[tuple[list[str], float]]:
+    """The query's words in order, runs of equal weight that `expand` knows as a phrase joined (longest first)."""
+    groups, start = [], 0
+    while start < len(words):
+        size = 1
+        if expand is not None:
+            for longer in range(min(MAX_PHRASE_WORDS, len(words) - start), 1, -1):
+                run = slice(start, start + longer)
+                if len(set(weights[run])) == 1 and " ".join(words[run]) in expand:
+                    size = longer
+                    break
+        groups.append((words[start:start + size], weights[start]))
+        start += size
+    return groups
+
+
+def embed(terms: list[Term], rows: dict[str, int], vectors: np.ndarray, expand: Expand | None = None) -> np.ndarray:
+    """The unit vector of the weighted sum of the terms' unit word vectors, each through `expand` if given
+    (the encoder's query expansion, services/encoder/modes.py). Consecutive words of equal weight that
+    `expand` knows as a phrase count as one term: the sum of their vectors, its direction expanded as the
+    phrase (`golf ball` towards the golf ball class, not towards golf and towards balls)."""
     found = {term.word: _vocabulary_word(term.word, rows) for term in terms}
     unknown = [word for word, known in found.items() if known is None]
     if unknown:
         raise UnknownWordsError(unknown)
     total = np.zeros(vectors.shape[1], dtype=np.float32)
-    for term in terms:
-        word = found[term.word]
-        vector = vectors[rows[word]]
-        total += term.weight * (expand(word, vector) if expand else vector)
+    for words, weight in _groups([found[t.word] for t in terms], [t.weight for t in terms], expand):
+        summed = vectors[[rows[word] for word in words]].sum(axis=0)
+        length = float(np.linalg.norm(summed))
+        if length > 0:
+            total += weight * length * (expand(" ".join(words), summed / length) if expand else summed / length)
     norm = float(np.linalg.norm(total))
     if norm == 0.0:
         raise QueryError("the query's terms cancel out")
