@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.index.core import Item, VectorIndex
+from services.common.items import Item
+from services.index.core import VectorIndex
 
 K = 10
 TARGET_RECALL = 0.95
