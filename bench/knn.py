@@ -65,7 +65,7 @@ def bench(vectors: np.ndarray, queries: np.ndarray, threads: int = 2) -> list[di
 
 
     index, build = _timed(lambda: VectorIndex.build("bench", vectors, [Item(str(i)) for i in range(len(vectors))]))
-    searcher, config = index._searcher, index.config
+    searcher, config = index.searcher, index.config
     with tempfile.TemporaryDirectory() as folder:
         searcher.serialize(folder)
         size = sum(p.stat().st_size for p in Path(folder).iterdir())

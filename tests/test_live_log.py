@@ -63,7 +63,7 @@ def test_ten_thousand_deletes_keep_each_search_cheap(vectors, tmp_path):
     deleted = np.random.default_rng(2).choice(N, 10_000, replace=False)  # more than half
     for chunk in np.array_split(deleted, 10):
         images.delete([f"img/{i}" for i in chunk])
-    counting = base._searcher = CountingSearcher(base._searcher)
+    counting = base.searcher = CountingSearcher(base.searcher)
     after = timed()
     print(f"\n200 searches, k={K}: {after / before:.2f}x the time after 10,000 deletes")
 

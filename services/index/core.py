@@ -113,7 +113,7 @@ class VectorIndex:
         self.vectors = vectors
         self.items = items
         self.config = config
-        self._searcher = searcher
+        self.searcher = searcher
         self._rows = {item.id: row for row, item in enumerate(items)}
 
     @classmethod
@@ -177,8 +177,8 @@ class VectorIndex:
 
     def _nearest(self, query: np.ndarray, wanted: int):
         if self.config.method == "brute_force":
-            return self._searcher.search(query, final_num_neighbors=wanted)
-        return self._searcher.search(
+            return self.searcher.search(query, final_num_neighbors=wanted)
+        return self.searcher.search(
             query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted))
 
     def save(self, directory: Path) -> None:
@@ -186,7 +186,7 @@ class VectorIndex:
         np.save(directory / "vectors.npy", self.vectors)
         write_items(directory / "items.jsonl", self.items)
         (directory / "config.json").write_text(json.dumps(self.config.__dict__))
-        self._searcher.serialize(str(directory / "scann"))
+        self.searcher.serialize(str(directory / "scann"))
         (directory / "scann" / "scann_assets.pbtxt").write_text(_assets_in(directory / "scann", ""))
 
     @classmethod
