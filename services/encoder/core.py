@@ -34,7 +34,7 @@ class EncoderCore:
             decode_slots=decode_slots,
         )
         self.modes = Modes.load(self.directory / MODES_FILE, self.images.head,
-                                ModeParams.from_dict(self.manifest.get("modes")))
+                                ModeParams.from_dict(self.manifest["modes"]))
         log.info("encoder loaded %s: %d words, dimension %d", self.version, len(self.words), self.dimension)
 
     @property

@@ -29,7 +29,6 @@ batch/modes.py), so `conse` works from cached features alone (logits = features 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,16 +44,6 @@ DEFAULT_TOP = 10
 
 class UnknownModeError(ValueError):
     """A mode name that is not one of MODES."""
-
-
-def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
-    """Unit mean of the vectors of a phrase's known words; None when none is known."""
-    parts = [w for w in re.split(r"[\s\-_'/().,]+", text.lower()) if w and w in rows]
-    if not parts:
-        return None
-    mean = vectors[[rows[w] for w in parts]].mean(axis=0)
-    norm = np.linalg.norm(mean)
-    return (mean / norm).astype(np.float32) if norm > 0 else None
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -79,8 +68,7 @@ class ModeParams:
                 "chosen_on": self.chosen_on}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "ModeParams":
-        data = data or {}
+    def from_dict(cls, data: dict) -> "ModeParams":
         defaults = cls()
         return cls(data.get("default", defaults.default), int(data.get("top", defaults.top)),
                    float(data.get("beta", defaults.beta)), float(data.get("gamma", defaults.gamma)),
