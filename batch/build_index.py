@@ -9,7 +9,9 @@ import numpy as np
 from batch.images import ImageRecord
 from services.common import artifact
 from services.encoder.word_vectors import WordVectors
-from services.index.core import SHARD_DIR, Item, VectorIndex, shard_of
+from services.common.items import Item
+from services.common.shards import SHARD_DIR, shard_of
+from services.index.core import VectorIndex
 
 
 def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord], words: WordVectors,

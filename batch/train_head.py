@@ -61,8 +61,9 @@ def fold(module: torch.nn.Module) -> Head:
                 dense2.weight.detach().T.numpy().astype(np.float32), dense2.bias.detach().numpy().astype(np.float32))
 
 
-def _loss(outputs, labels, label_vectors, kind: str, margin: float, temperature: float = 0.1,
-          softmax_weight: float = 0.1):
+def head_loss(outputs, labels, label_vectors, kind: str, margin: float, temperature: float = 0.1,
+              softmax_weight: float = 0.1):
+    """The training loss of `kind` (HeadConfig.loss) of a batch of head outputs against their labels' vectors."""
     if kind == "softmax":  # the baseline classifier: outputs are logits over the labels (label_vectors = I)
         return torch.nn.functional.cross_entropy(outputs, labels)
     outputs = torch.nn.functional.normalize(outputs, dim=1)
@@ -108,7 +109,7 @@ def _train_loop(config: dict) -> None:
             rows = order[start:start + config["batch_size"]]
             if len(rows) < 2:
                 continue
-            loss = _loss(model(train_x[rows]), train_y[rows], label_vectors, config["loss"], config["margin"],
+            loss = head_loss(model(train_x[rows]), train_y[rows], label_vectors, config["loss"], config["margin"],
                          config["temperature"], config["softmax_weight"])
             optimizer.zero_grad()
             loss.backward()

@@ -23,8 +23,9 @@ from typing import Iterator
 
 import numpy as np
 
-from services.encoder import word_vectors
-from services.index.core import Item, VectorIndex
+from batch import word_vectors
+from services.common.items import Item
+from services.index.core import VectorIndex
 
 REPO = Path(__file__).resolve().parents[1]
 

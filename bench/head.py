@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from batch import backbones
-from batch.train_head import HeadConfig, _loss, build_module, split, train_head
+from batch.train_head import HeadConfig, build_module, head_loss, split, train_head
 from services.encoder.image_encoder import ImageEncoder
 
 
@@ -20,7 +20,7 @@ def _epoch(module, optimizer, features, labels, label_vectors, batch_size=256) -
     order = torch.randperm(len(features))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        loss = _loss(module(features[rows]), labels[rows], label_vectors, "cosine", 0.1)
+        loss = head_loss(module(features[rows]), labels[rows], label_vectors, "cosine", 0.1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.index.core import Item, VectorIndex
+from services.common.items import Item
+from services.index.core import VectorIndex
 
 K = 10
 TARGET_RECALL = 0.95
@@ -64,7 +65,7 @@ def bench(vectors: np.ndarray, queries: np.ndarray, threads: int = 2) -> list[di
 
 
     index, build = _timed(lambda: VectorIndex.build("bench", vectors, [Item(str(i)) for i in range(len(vectors))]))
-    searcher, config = index._searcher, index.config
+    searcher, config = index.searcher, index.config
     with tempfile.TemporaryDirectory() as folder:
         searcher.serialize(folder)
         size = sum(p.stat().st_size for p in Path(folder).iterdir())

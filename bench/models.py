@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from batch import backbones
+from batch import backbones, word_vectors
 from batch.evaluate import evaluate
 from batch.extract import extract
 from batch.images import ImageRecord, labelled, list_images
 from batch.train import SHARED_CIFAR, Options, backbone_onnx, run
 from batch.train_head import HeadConfig
 from services.common import artifact
-from services.encoder import word_vectors
 from services.encoder.image_encoder import ImageEncoder
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,12 @@ import numpy as np
 import ray
 
 from bench import capacity, extraction, head, knn, serving, web
-from batch import backbones
+from batch import backbones, word_vectors
 from batch.extract import extract
 from batch.images import labelled, list_images
 from batch.quality import label_matrix
 from batch.train import SHARED_CIFAR
 from services.common import artifact
-from services.encoder import word_vectors
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from batch import backbones
+from batch.extract import FeatureExtractor
 from services.common import artifact
 from services.encoder.image_encoder import ImageEncoder
 
@@ -23,7 +24,7 @@ def test_onnx_matches_torch_on_real_photos(artifact_root, cifar):
 
 def test_ray_callable_reports_unreadable_files_without_failing(artifact_root, cifar, tmp_path):
     spec = backbones.spec("efficientnet-lite0")
-    encoder = ImageEncoder(artifact.resolve(artifact_root) / artifact.BACKBONE, spec.preprocessing)
+    encoder = FeatureExtractor(artifact.resolve(artifact_root) / artifact.BACKBONE, spec.preprocessing)
     good = sorted((cifar / "test" / "dog").iterdir())[0]
     (tmp_path / "empty.jpg").write_bytes(b"")
     batch = {"path": np.asarray([str(good), str(tmp_path / "empty.jpg"), str(tmp_path / "gone.jpg")], dtype=object),

@@ -10,10 +10,10 @@ import grpc
 import pytest
 
 from semsearch.v1 import encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
+from services.common import bounds, ids
 from services.common import server as common
 from services.gateway import downstream as gateway_downstream
 from services.gateway import server as gateway_server
-from services.index import live
 
 
 class RefusingEncoder(encoder_pb2_grpc.EncoderServicer):
@@ -91,7 +91,7 @@ def test_client_strings_come_back_cut_short(services, call):
 
 def test_labels_have_a_length_limit(services):
     image = b"\x89PNG not really"  # refused for its label before anything is decoded or stored
-    label = "l" * (live.MAX_LABEL_CHARS + 1)
+    label = "l" * (bounds.MAX_LABEL_CHARS + 1)
     with grpc.insecure_channel(services.gateway) as channel:
         with pytest.raises(grpc.RpcError) as error:
             gateway_pb2_grpc.GatewayStub(channel).AddImages(gateway_pb2.AddImagesRequest(
@@ -100,6 +100,6 @@ def test_labels_have_a_length_limit(services):
     with grpc.insecure_channel(services.index) as channel:
         with pytest.raises(grpc.RpcError) as error:
             index_pb2_grpc.IndexStub(channel).AddImages(index_pb2.IndexAddImagesRequest(images=[index_pb2.NewImage(
-                id=live.image_id(image), image=image, label=label, vector=index_pb2.FloatVector(values=[1.0] * 50))]),
+                id=ids.image_id(image), image=image, label=label, vector=index_pb2.FloatVector(values=[1.0] * 50))]),
                 timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "label" in error.value.details()

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from batch import word_vectors
 from batch.train import run
 from batch.train_head import HeadConfig
 from services.common import artifact
-from services.encoder import word_vectors
 from services.encoder.core import EncoderCore
 from services.index.server import load_index_set
 from tests.conftest import train_options

@@ -5,8 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
-from services.encoder import word_vectors
-from services.index.core import IndexSet, InvalidQuery, Item, UnknownId, UnknownIndex, VectorIndex
+from batch import word_vectors
+from services.common.items import Item
+from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex, VectorIndex
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +96,11 @@ def test_unknown_ids_and_indexes(small):
 
 def test_a_torn_log_line_is_skipped_and_later_writes_survive(tmp_path):
     """A crash half-way through an append leaves a partial line: it is never applied, nothing after it is lost."""
+    from services.common.ids import image_id
     from services.index import live
 
     log = live.LiveLog(tmp_path)
-    first = live.Entry("add", live.image_id(b"one"), "cat", log.store_image(b"one"), (1.0, 0.0), "glove:2")
+    first = live.Entry("add", image_id(b"one"), "cat", log.store_image(b"one"), (1.0, 0.0), "glove:2")
     log.append([first])
     with open(log.path, "ab") as handle:
         handle.write(b'{"op": "add", "id": "added/0123')  # the torn write

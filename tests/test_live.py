@@ -21,6 +21,7 @@ from batch.train import run
 from batch.train_head import HeadConfig
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import artifact
+from services.common.ids import ID_PREFIX, image_id
 from services.common.wait_ready import wait_serving
 from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
@@ -81,9 +82,9 @@ def test_added_images_survive_a_killed_index_and_deletes_stick(root, cifar):
         wait_serving(f"127.0.0.1:{encoder_port}")  # loading takes as long as the machine makes it
         with index_process(root, index_port) as first:
             before = client.similar(photo, k=1)[0]
-            assert not before.id.startswith(live.ID_PREFIX)
+            assert not before.id.startswith(ID_PREFIX)
             [added] = client.add_images([photo], ["ship"])
-            assert added == live.image_id(photo)
+            assert added == image_id(photo)
             top = client.similar(photo, k=1)[0]  # searchable at once
             assert (top.id, top.label) == (added, "ship") and top.score > 0.999
             os.killpg(first.pid, signal.SIGKILL)  # right after the add was acknowledged
@@ -120,7 +121,7 @@ def test_bad_live_updates_get_clear_errors_and_change_nothing(root):
         wait_serving(f"127.0.0.1:{port}")
         index = index_pb2_grpc.IndexStub(channel)
         size = index.Info(index_pb2.IndexInfoRequest(index="images")).indexes[0].size
-        good = index_pb2.NewImage(id=live.image_id(b"bytes"), image=b"bytes",
+        good = index_pb2.NewImage(id=image_id(b"bytes"), image=b"bytes",
                                   vector=index_pb2.FloatVector(values=[1.0] * 50))
         cases = {
             "id not the content hash": index_pb2.NewImage(id="added/../../etc/passwd", image=b"bytes",
@@ -149,7 +150,7 @@ def next_version(artifact_root, cifar, cache_dir, tmp_path_factory) -> Path:
     shutil.copytree(artifact_root, elsewhere, symlinks=True)
     log = live.LiveLog(elsewhere)
     photo = (cifar / PHOTO).read_bytes()
-    log.append([live.Entry("add", live.image_id(photo), "ship", log.store_image(photo), (1.0,) * 50,
+    log.append([live.Entry("add", image_id(photo), "ship", log.store_image(photo), (1.0,) * 50,
                            live.space_of(artifact.read_manifest(artifact.resolve(elsewhere))))])
     return run(train_options(cifar / "train", elsewhere, cache_dir, head=HeadConfig(epochs=3, seed=7)))
 

@@ -13,8 +13,10 @@ import time
 import numpy as np
 import pytest
 
+from services.common.ids import image_id
+from services.common.items import Item
 from services.index import live
-from services.index.core import Item, VectorIndex
+from services.index.core import VectorIndex
 from tests.conftest import REPO
 
 SPACE = "test:16"
@@ -61,7 +63,7 @@ def test_ten_thousand_deletes_keep_each_search_cheap(vectors, tmp_path):
     deleted = np.random.default_rng(2).choice(N, 10_000, replace=False)  # more than half
     for chunk in np.array_split(deleted, 10):
         images.delete([f"img/{i}" for i in chunk])
-    counting = base._searcher = CountingSearcher(base._searcher)
+    counting = base.searcher = CountingSearcher(base.searcher)
     after = timed()
     print(f"\n200 searches, k={K}: {after / before:.2f}x the time after 10,000 deletes")
 
@@ -78,14 +80,14 @@ def test_ten_thousand_deletes_keep_each_search_cheap(vectors, tmp_path):
 def test_deleting_an_added_image_leaves_nothing_to_hide(vectors, tmp_path):
     images = live.LiveImages(base_index(vectors[:100]), tmp_path, SPACE)
     data = [f"image {i}".encode() for i in range(50)]
-    ids = images.add([(live.image_id(d), d, vectors[200 + i], None) for i, d in enumerate(data)])
+    ids = images.add([(image_id(d), d, vectors[200 + i], None) for i, d in enumerate(data)])
     images.delete(ids)
     assert images._delta.deleted == frozenset() and len(images) == 100
 
 
 def add_line(data: bytes, vector=(1.0,) + (0.0,) * 15, **changes) -> str:
     vector = vector.tolist() if isinstance(vector, np.ndarray) else vector
-    entry = {"op": "add", "id": live.image_id(data), "file": f"images/{'0' * 64}", "vector": vector,
+    entry = {"op": "add", "id": image_id(data), "file": f"images/{'0' * 64}", "vector": vector,
              "space": SPACE, **changes}
     return json.dumps(entry)
 
@@ -103,7 +105,7 @@ def test_a_malformed_json_line_is_skipped_with_a_warning(vectors, tmp_path, capl
     (directory / live.LOG_NAME).write_text("\n".join(good) + "\n")
     with caplog.at_level(logging.WARNING, logger="services.index.live"):
         images = live.LiveImages(base_index(vectors[:10]), tmp_path, SPACE)
-    assert images.contains(live.image_id(b"first")) and images.contains(live.image_id(b"second"))
+    assert images.contains(image_id(b"first")) and images.contains(image_id(b"second"))
     assert not images.contains("img/3") and images.contains("img/4")
     assert "skipping a line that is not a log entry" in caplog.text
 
@@ -128,6 +130,7 @@ def test_entries_that_failed_to_apply_are_read_again(vectors, tmp_path, monkeypa
 WRITER = """
 import sys
 from pathlib import Path
+from services.common.ids import image_id
 from services.index import live
 root, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 log = live.LiveLog(root)
@@ -136,7 +139,7 @@ sys.stdin.readline()
 for number in range(count):
     data = f"{name}-{number}".encode()
     vector = tuple(float(v) for v in range(300))  # lines of several kB, longer than an atomic pipe write
-    log.append([live.Entry("add", live.image_id(data), name, log.store_image(data), vector, "test:300")])
+    log.append([live.Entry("add", image_id(data), name, log.store_image(data), vector, "test:300")])
 """
 
 
@@ -152,7 +155,7 @@ def test_two_replicas_appending_at_once_lose_no_entry(tmp_path):
     for writer in writers:
         assert writer.wait(timeout=300) == 0
     entries, _ = live.LiveLog(tmp_path).read()
-    expected = {live.image_id(f"{name}-{n}".encode()) for name in ("a", "b") for n in range(count)}
+    expected = {image_id(f"{name}-{n}".encode()) for name in ("a", "b") for n in range(count)}
     assert len(entries) == 2 * count and {e.id for e in entries} == expected
     assert all(len(e.vector) == 300 for e in entries)
 
@@ -160,7 +163,7 @@ def test_two_replicas_appending_at_once_lose_no_entry(tmp_path):
 def test_deleted_images_take_their_bytes_with_them(vectors, tmp_path):
     images = live.LiveImages(base_index(vectors[:10]), tmp_path, SPACE)
     kept, gone = b"kept image", b"deleted image"
-    ids = images.add([(live.image_id(d), d, vectors[20 + i], "cat") for i, d in enumerate((kept, gone))])
+    ids = images.add([(image_id(d), d, vectors[20 + i], "cat") for i, d in enumerate((kept, gone))])
     images.delete([ids[1]])
     stored = live.live_dir(tmp_path)
     assert (stored / live.image_file(kept)).is_file() and not (stored / live.image_file(gone)).exists()
@@ -173,9 +176,9 @@ def test_compaction_keeps_what_replaying_gives_and_replicas_follow(vectors, tmp_
     writer = live.LiveImages(base_index(vectors[:50]), tmp_path, SPACE)
     reader = live.LiveImages(base_index(vectors[:50]), tmp_path, SPACE)  # another replica on the same log
     data = [f"image {i}".encode() for i in range(30)]
-    ids = [live.image_id(d) for d in data]
+    ids = [image_id(d) for d in data]
     for round_ in range(4):  # the same images added and deleted again and again: 240 lines, 30 ids
-        writer.add([(live.image_id(d), d, vectors[100 + i], None) for i, d in enumerate(data)])
+        writer.add([(image_id(d), d, vectors[100 + i], None) for i, d in enumerate(data)])
         writer.delete(ids[: 20 if round_ < 3 else 10])
     writer.delete(["img/1", "img/2"])
     log = live.LiveLog(tmp_path)
@@ -198,7 +201,7 @@ def test_appends_racing_a_compaction_lose_nothing(tmp_path):
         try:
             for number in range(200):
                 data = f"{name}-{number}".encode()
-                log.append([live.Entry("add", live.image_id(data), None, live.image_file(data), (1.0,), "t:1")],
+                log.append([live.Entry("add", image_id(data), None, live.image_file(data), (1.0,), "t:1")],
                            images=[data])
         except BaseException as error:  # reported below
             errors.append(error)
@@ -212,5 +215,5 @@ def test_appends_racing_a_compaction_lose_nothing(tmp_path):
         writer.join()
     log.compact(gc_age_seconds=0)
     assert errors == []
-    assert {e.id for e in log.read()[0]} == {live.image_id(f"{n}-{i}".encode()) for n in "ab" for i in range(200)}
+    assert {e.id for e in log.read()[0]} == {image_id(f"{n}-{i}".encode()) for n in "ab" for i in range(200)}
     assert len(list((live.live_dir(tmp_path) / live.IMAGES_DIR).iterdir())) == 400

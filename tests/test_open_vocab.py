@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batch import open_vocab, wordnet
+from batch import open_vocab, word_vectors, wordnet
 from batch.class_table import PLAIN, Enrichment, class_table, expansions, imagenet_classes
 from services.encoder.modes import QueryExpansion
-from services.encoder import word_vectors
 from services.encoder.query import Term, embed
 
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from services.common import artifact
-from services.index.core import read_items
+from services.common.items import read_items
 from tests.conftest import REPO
 
 FLAGS = ["--limit-per-label", "20", "--epochs", "3", "--no-quality"]

@@ -17,7 +17,8 @@ from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.gateway.downstream import grpc_target
 from services.index import server as index_server
-from services.index.core import read_items, shard_of
+from services.common.items import read_items
+from services.common.shards import shard_of
 from tests.conftest import train_options, wait_serving
 
 SHARDS = 3

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.encoder import word_vectors
+from batch import word_vectors
 
 
 def test_packaged_glove_is_400k_unit_vectors_of_dimension_50():

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from services.common import artifact
+from services.common.items import read_items
 from services.encoder import query
 from services.encoder.image_encoder import ImageEncoder
 from services.encoder.modes import FILE as MODES_FILE, MODES, ModeParams, Modes
 from services.encoder.word_vectors import WordVectors
-from services.index.core import read_items
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class EncoderCore:
             decode_slots=decode_slots,
         )
         self.modes = Modes.load(self.directory / MODES_FILE, self.images.head,
-                                ModeParams.from_dict(self.manifest.get("modes")))
+                                ModeParams.from_dict(self.manifest["modes"]))
         log.info("encoder loaded %s: %d words, dimension %d", self.version, len(self.words), self.dimension)
 
     @property

@@ -1,7 +1,8 @@
 """ImageEncoder: the ONNX backbone (and, once trained, the head) over images.
 
-The same class runs inside the encoder service and as the callable class of Ray Data's
-`map_batches` in the batch job, so an image gets the same vector in both places.
+The same class runs inside the encoder service and, as batch/extract.py's `FeatureExtractor`, as
+the callable class of Ray Data's `map_batches` in the batch job, so an image gets the same vector
+in both places.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.encoder.head import Head
-from services.encoder.images import ImageError, Preprocessing, decode
+from services.encoder.images import Preprocessing, decode
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ RUN_BATCH = 16  # images per backbone run: bounds the activations' memory of a 6
 
 
 class ImageEncoder:
-    """Images -> backbone features (`features`) or unit vectors in word space (`embed`)."""
+    """Images -> backbone features; the head, when given, maps features to word space."""
 
     def __init__(
         self,
@@ -67,36 +68,3 @@ class ImageEncoder:
     def features(self, images: list[bytes]) -> np.ndarray:
         return self.features_of_pixels(np.stack([self.pixels(data) for data in images]))
 
-    def embed(self, images: list[bytes]) -> np.ndarray:
-        """Encoded images -> unit vectors in word space (needs the head)."""
-        if self.head is None:
-            raise RuntimeError("this ImageEncoder has no head: it can only extract features")
-        return self.head(self.features(images))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data `map_batches`: {"path", "key"} rows -> {"key", "features", "error", "node"}.
-
-        An unreadable image yields a zero feature row and a non-empty `error`; it never
-        fails the batch.
-        """
-        pixels, errors = [], []
-        for path in batch["path"]:
-            try:
-                pixels.append(self.pixels(Path(path).read_bytes()))
-                errors.append("")
-            except (ImageError, OSError) as error:
-                pixels.append(None)
-                errors.append(str(error) or type(error).__name__)
-        good = [p for p in pixels if p is not None]
-        good_features = self.features_of_pixels(np.stack(good) if good else np.zeros((0,)))
-        features = np.zeros((len(pixels), self.feature_dimension), np.float32)
-        features[[i for i, p in enumerate(pixels) if p is not None]] = good_features
-        node = np.asarray([_ray_node_id()] * len(pixels), dtype=object)
-        return {"key": batch["key"], "features": features, "error": np.asarray(errors, dtype=object), "node": node}
-
-
-def _ray_node_id() -> str:
-    """The Ray node this batch ran on (empty outside Ray), so a job can show where its work went."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

@@ -23,13 +23,12 @@ candidate labels: `gamma` is subtracted from the score of every candidate that t
 trained on. It applies to ranking labels (`label_scores`), where the candidates are known;
 the vectors themselves (and so the image index and plain k-NN tags) are not changed by it.
 
-Pure numpy; the ImageNet classifier is the final dense layer of the ONNX backbone, so
-`conse` works from cached features alone (logits = features @ W + b).
+Pure numpy; the ImageNet classifier is the final dense layer of the ONNX backbone (read out of it by
+batch/modes.py), so `conse` works from cached features alone (logits = features @ W + b).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,34 +44,6 @@ DEFAULT_TOP = 10
 
 class UnknownModeError(ValueError):
     """A mode name that is not one of MODES."""
-
-
-def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
-    """Unit mean of the vectors of a phrase's known words; None when none is known."""
-    parts = [w for w in re.split(r"[\s\-_'/().,]+", text.lower()) if w and w in rows]
-    if not parts:
-        return None
-    mean = vectors[[rows[w] for w in parts]].mean(axis=0)
-    norm = np.linalg.norm(mean)
-    return (mean / norm).astype(np.float32) if norm > 0 else None
-
-
-def classifier_from_onnx(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(W (F, classes), b (classes,)) of the Gemm that turns `features` into `logits`."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    initializers = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gemm" and "logits" in node.output and node.input[0] == "features":
-            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-            bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
-            if attributes.get("transB", 0):
-                weight = weight.T
-            return (weight * attributes.get("alpha", 1.0)).astype(np.float32), (bias * attributes.get("beta", 1.0))
-    raise ValueError(f"{path}: no Gemm from 'features' to 'logits' (the ImageNet classifier) found")
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -97,8 +68,7 @@ class ModeParams:
                 "chosen_on": self.chosen_on}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "ModeParams":
-        data = data or {}
+    def from_dict(cls, data: dict) -> "ModeParams":
         defaults = cls()
         return cls(data.get("default", defaults.default), int(data.get("top", defaults.top)),
                    float(data.get("beta", defaults.beta)), float(data.get("gamma", defaults.gamma)),
@@ -261,14 +231,6 @@ class Modes:
             expansion = QueryExpansion(tuple(data["expansion_words"].tolist()), data["expansion_vectors"])
             return cls(head, data["classifier_w"], data["classifier_b"], data["table"], data["basis"],
                        Familiarity(data["centroids"], mean, std), expansion, params)
-
-    @classmethod
-    def build(cls, backbone_path: str | Path, table: np.ndarray, head: Head | None, label_vectors: np.ndarray,
-              familiarity: Familiarity | None = None, expansion: QueryExpansion | None = None,
-              params: ModeParams = ModeParams()) -> "Modes":
-        """`table`: (classes, D) unit word vectors of the ImageNet classes (batch/class_table.py)."""
-        weight, bias = classifier_from_onnx(backbone_path)
-        return cls(head, weight, bias, table, span_basis(label_vectors), familiarity, expansion, params)
 
     def with_params(self, **changes) -> "Modes":
         return replace(self, params=replace(self.params, **changes))

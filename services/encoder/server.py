@@ -13,6 +13,7 @@ from typing import Iterator
 import grpc
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common import bounds
 from services.common import limits as limits_module
 from services.common import security
 from services.common.limits import Limits
@@ -25,7 +26,6 @@ from services.encoder.query import QueryError, UnknownWordsError
 log = logging.getLogger(__name__)
 
 SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
-MAX_BATCH = 64
 DECODE_SLOTS = 2
 
 
@@ -56,9 +56,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return encoder_pb2.Vector(values=vectors[0].tolist(), artifact_version=version)
 
     def EncodeImages(self, request, context):
-        if len(request.images) > MAX_BATCH:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.images)} images in one call; the limit is {MAX_BATCH}")
+        problem = bounds.images_problem(len(request.images))
+        if problem:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         if not request.images:
             return encoder_pb2.EncodeImagesResponse()
         vectors, version = self._encode(list(request.images), request.artifact_version, request.mode, context)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
-import itertools
 import json
 import logging
 
@@ -14,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from semsearch.v1 import encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import security
 from services.common import server as common
-from services.index.core import shard_of
+from services.common.shards import merge, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +139,7 @@ class Downstream:
                 for other in pending:
                     other.cancel()
                 self._fail(error, self._shard_name(number), context)
-        best = heapq.nlargest(request.k, itertools.chain.from_iterable(a.neighbors for a in answers),
-                              key=lambda neighbor: (neighbor.score, neighbor.id))
+        best = merge([a.neighbors for a in answers], request.k, lambda neighbor: (neighbor.score, neighbor.id))
         return index_pb2.IndexSearchResponse(neighbors=best, artifact_version=request.artifact_version)
 
     def _shard_name(self, number: int) -> str:

@@ -13,7 +13,7 @@ from services.gateway.client import ImageHit, WordHit
 
 THUMBNAIL = 160
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; background: #fafafa; color: #222; }
 h1 { overflow-wrap: anywhere; font-size: 1.6em; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
@@ -41,7 +41,7 @@ def thumbnail(path: str | Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure(path: str, caption: str) -> str:
+def figure_html(path: str, caption: str) -> str:
     uri = thumbnail(path)
     picture = f'<img src="{uri}" alt="{html.escape(path)}">' if uri else '<div class="missing">not readable here</div>'
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
@@ -50,14 +50,14 @@ def _figure(path: str, caption: str) -> str:
 def render(title: str, images: list[ImageHit] | None = None, words: list[WordHit] | None = None,
            query_image: str | None = None) -> str:
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_STYLE}</style><h1>{html.escape(title)}</h1>"]
+             f"<style>{STYLE}</style><h1>{html.escape(title)}</h1>"]
     if query_image:
-        parts.append("<h2>Query</h2><div class='grid'>" + _figure(query_image, html.escape(query_image)) + "</div>")
+        parts.append("<h2>Query</h2><div class='grid'>" + figure_html(query_image, html.escape(query_image)) + "</div>")
     if images is not None:
         parts.append(f"<h2>{len(images)} images</h2><div class='grid'>")
         for rank, hit in enumerate(images, 1):
             caption = f"{rank}. {html.escape(hit.id)}<br>{html.escape(hit.label or '')} {hit.score:.3f}"
-            parts.append(_figure(hit.path, caption))
+            parts.append(figure_html(hit.path, caption))
         parts.append("</div>")
     if words is not None:
         parts.append("<h2>Words</h2><table><tr><th>#</th><th>word</th><th>score</th></tr>")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import threading
 import time
@@ -14,18 +13,17 @@ from typing import Iterator
 import grpc
 
 from semsearch.v1 import encoder_pb2, gateway_pb2, gateway_pb2_grpc, index_pb2
+from services.common import bounds
 from services.common import limits as limits_module
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
+from services.common.ids import image_id
 from services.gateway.downstream import Downstream, VersionMismatch
-from services.index import live
 
 log = logging.getLogger(__name__)
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-MAX_K = 1000
-MAX_ADD = 64
 VERSION_ATTEMPTS = 3  # "" (current), then the version a refusal named, once more if a switch intervened
 VERSION_RETRY_PAUSE = 0.1
 DEFAULT_TIMEOUT = 10.0
@@ -33,16 +31,16 @@ HEALTH_POLL_SECONDS = 1.0
 
 
 def _check_k(k: int, context) -> None:
-    if not 1 <= k <= MAX_K:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be between 1 and {MAX_K}; got {k}")
+    problem = bounds.k_problem(k)
+    if problem:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
 
 def _min_score(request, context) -> float | None:
-    if not request.HasField("min_score"):
-        return None
-    value = request.min_score
-    if math.isnan(value) or not -1.0 <= value <= 1.0:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"min_score must be a number in [-1, 1]; got {value}")
+    value = request.min_score if request.HasField("min_score") else None
+    problem = bounds.min_score_problem(value)
+    if problem:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
     return value
 
 
@@ -113,14 +111,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def AddImages(self, request, context):
         if not request.images:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AddImages needs at least one image")
-        if len(request.images) > MAX_ADD:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.images)} images in one call; the limit is {MAX_ADD}")
-        long = [image.label for image in request.images if image.HasField("label") and len(image.label) > live.MAX_LABEL_CHARS]
-        if long:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"a label is {len(long[0])} characters; the limit is {live.MAX_LABEL_CHARS}")
-        ids = [live.image_id(image.image) for image in request.images]
+        problem = bounds.images_problem(len(request.images))
+        if problem:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+        long = [bounds.label_problem(image.label) for image in request.images if image.HasField("label")]
+        if any(long):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, next(p for p in long if p))
+        ids = [image_id(image.image) for image in request.images]
 
         def attempt(version: str) -> None:
             encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImages, encoder_pb2.EncodeImagesRequest(

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import logging
 import math
 import re
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
@@ -17,11 +14,14 @@ from typing import Collection
 import numpy as np
 import scann
 
+from services.common import bounds
+from services.common import shards as sharding
 from services.common.errors import quoted
+from services.common.items import Item, read_items, write_items
+from services.common.shards import SHARD_DIR, shard_of
 
 log = logging.getLogger(__name__)
 
-MAX_K = 1000
 BRUTE_FORCE_BELOW = 20_000
 EXCLUDE_SLACK = 16  # extra neighbours fetched when some ids are excluded
 
@@ -38,13 +38,6 @@ class UnknownIndex(KeyError):
 class UnknownId(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    path: str = ""
-    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,13 +92,15 @@ def unit_query(vector, dimension: int) -> np.ndarray:
 
 
 def check_k(k: int) -> None:
-    if not 1 <= k <= MAX_K:
-        raise InvalidQuery(f"k must be between 1 and {MAX_K}; got {k}")
+    problem = bounds.k_problem(k)
+    if problem:
+        raise InvalidQuery(problem)
 
 
 def check_min_score(min_score: float | None) -> None:
-    if min_score is not None and not -1.0 <= min_score <= 1.0:
-        raise InvalidQuery(f"min_score must be a number in [-1, 1]; got {min_score}")
+    problem = bounds.min_score_problem(min_score)
+    if problem:
+        raise InvalidQuery(problem)
 
 
 class VectorIndex:
@@ -118,7 +113,7 @@ class VectorIndex:
         self.vectors = vectors
         self.items = items
         self.config = config
-        self._searcher = searcher
+        self.searcher = searcher
         self._rows = {item.id: row for row, item in enumerate(items)}
 
     @classmethod
@@ -182,18 +177,16 @@ class VectorIndex:
 
     def _nearest(self, query: np.ndarray, wanted: int):
         if self.config.method == "brute_force":
-            return self._searcher.search(query, final_num_neighbors=wanted)
-        return self._searcher.search(
+            return self.searcher.search(query, final_num_neighbors=wanted)
+        return self.searcher.search(
             query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted))
 
     def save(self, directory: Path) -> None:
         (directory / "scann").mkdir(parents=True, exist_ok=True)
         np.save(directory / "vectors.npy", self.vectors)
-        with open(directory / "items.jsonl", "w", encoding="utf-8") as handle:
-            for item in self.items:
-                handle.write(json.dumps(_item_to_dict(item), ensure_ascii=False) + "\n")
+        write_items(directory / "items.jsonl", self.items)
         (directory / "config.json").write_text(json.dumps(self.config.__dict__))
-        self._searcher.serialize(str(directory / "scann"))
+        self.searcher.serialize(str(directory / "scann"))
         (directory / "scann" / "scann_assets.pbtxt").write_text(_assets_in(directory / "scann", ""))
 
     @classmethod
@@ -230,31 +223,9 @@ def _load_searcher(scann_dir: Path):
     return scann_ops_pybind.ScannSearcher(scann_ops_pybind.scann_pybind.ScannNumpy(str(scann_dir), assets), None)
 
 
-def _item_to_dict(item: Item) -> dict:
-    data = {"id": item.id}
-    if item.path:
-        data["path"] = item.path
-    if item.label is not None:
-        data["label"] = item.label
-    return data
-
-
-def read_items(path: Path) -> list[Item]:
-    with open(path, encoding="utf-8") as handle:
-        return [Item(**json.loads(line)) for line in handle]
-
-
-SHARD_DIR = "shard-{}"
-
-
-def shard_of(item_id: str, shards: int) -> int:
-    """The shard an item lives in: a stable hash of its id, so adds land where lookups go."""
-    return zlib.crc32(item_id.encode("utf-8")) % shards
-
-
 def merge(hit_lists: list[list[Hit]], k: int) -> list[Hit]:
     """The global top k of per-shard top-k lists (exact when each list is exact)."""
-    return heapq.nlargest(k, itertools.chain.from_iterable(hit_lists), key=lambda hit: (hit.score, hit.item.id))
+    return sharding.merge(hit_lists, k, lambda hit: (hit.score, hit.item.id))
 
 
 class ShardedIndex:

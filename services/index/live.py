@@ -16,15 +16,18 @@ from typing import Collection
 
 import numpy as np
 
+from services.common import bounds
 from services.common.errors import listed, quoted
-from services.index.core import Hit, InvalidQuery, Item, UnknownId, check_k, check_min_score, merge, shard_of, unit_query
+from services.common.ids import image_id, is_image_id
+from services.common.items import Item
+from services.common.shards import shard_of
+from services.index.core import Hit, InvalidQuery, UnknownId, check_k, check_min_score, merge, unit_query
 from services.index.live_log import (  # noqa: F401  (re-exported: the log's names are part of this module's API)
-    ID_PREFIX, IMAGES_DIR, LIVE_DIR, LOCK_NAME, LOG_NAME, _ID, Entry, LiveLog, image_file, image_id, live_dir, membership,
+    IMAGES_DIR, LIVE_DIR, LOCK_NAME, LOG_NAME, Entry, LiveLog, image_file, live_dir, membership,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_LABEL_CHARS = 100
 COMPACT_AFTER_LINES = 10_000  # compact once the log is this long and at least half of it is superseded
 
 
@@ -215,11 +218,12 @@ def space_of(manifest: dict) -> str:
 
 def check_new_image(item_id: str, data: bytes, vector, dimension: int, label: str | None = None) -> None:
     """InvalidQuery unless the id is the bytes' content id, the vector a finite one of the index's
-    dimension and the label (if any) at most MAX_LABEL_CHARS long."""
-    if label is not None and len(label) > MAX_LABEL_CHARS:
-        raise InvalidQuery(f"a label is {len(label)} characters; the limit is {MAX_LABEL_CHARS}")
+    dimension and the label (if any) at most bounds.MAX_LABEL_CHARS long."""
+    problem = bounds.label_problem(label)
+    if problem:
+        raise InvalidQuery(problem)
     if not data:
         raise InvalidQuery("an added image needs its bytes")
-    if not _ID.fullmatch(item_id) or item_id != image_id(data):
+    if not is_image_id(item_id) or item_id != image_id(data):
         raise InvalidQuery(f"id {quoted(item_id)} is not the content id of the image bytes ({image_id(data)})")
     unit_query(vector, dimension)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from services.common import artifact
+from services.common.ids import is_image_id
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,8 @@ LIVE_DIR = "live"
 LOG_NAME = "images.log"
 LOCK_NAME = "images.log.lock"
 IMAGES_DIR = "images"
-ID_PREFIX = "added/"
 GC_AGE_SECONDS = 3600.0  # unreferenced bytes younger than this may belong to a writer outside the lock
-_ID = re.compile(r"added/[0-9a-f]{24}")
 _FILE = re.compile(IMAGES_DIR + r"/[0-9a-f]{64}")
-
-
-def image_id(data: bytes) -> str:
-    """The id of an added image: its content hash, so adding the same bytes twice is harmless."""
-    return ID_PREFIX + hashlib.sha256(data).hexdigest()[:24]
 
 
 def image_file(data: bytes) -> str:
@@ -223,7 +217,7 @@ def _entry_of(data) -> Entry:
             and isinstance(vector, list) and vector
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector)):
         raise ValueError("an add needs a string 'file' and 'space', a list of numbers 'vector', a string or no 'label'")
-    if not _ID.fullmatch(item_id) or not _FILE.fullmatch(file):
+    if not is_image_id(item_id) or not _FILE.fullmatch(file):
         raise ValueError("an add needs an 'added/' content id and a file in images/")
     return Entry(op, item_id, label, file, tuple(float(v) for v in vector), space)
 

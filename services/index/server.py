@@ -14,6 +14,7 @@ import grpc
 
 from semsearch.v1 import index_pb2, index_pb2_grpc
 from services.common import artifact
+from services.common import bounds
 from services.common import limits as limits_module
 from services.common import security
 from services.common.limits import Limits
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
 MAX_IDS = 1000
-MAX_ADDS = 64
 LIVE_INDEX = "images"
 
 
@@ -91,9 +91,9 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
 
     def AddImages(self, request, context):
         indexes: IndexSet = self.loading.get(context, request.artifact_version, current_only=True)
-        if len(request.images) > MAX_ADDS:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.images)} images in one call; the limit is {MAX_ADDS}")
+        problem = bounds.images_problem(len(request.images))
+        if problem:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         try:
             ids = _live_images(indexes).add([
                 (image.id, image.image, image.vector.values, image.label if image.HasField("label") else None)
