@@ -15,7 +15,7 @@ from services.index.core import VectorIndex
 
 
 def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord], words: WordVectors,
-                  shards: int = 1) -> dict:
+                  shards: int = 1) -> dict[str, artifact.IndexInfo]:
     """Build and save both indexes under `staging/indexes/`; returns their descriptions.
 
     With `shards` > 1 the image index is split by a hash of each image's id into
@@ -36,8 +36,6 @@ def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRe
     words_index = VectorIndex.build("words", words.vectors, [Item(word) for word in words.words])
     words_index.save(indexes_dir / "words")
     return {
-        "images": {"size": len(items), "dimension": images_index.dimension, "shards": shards,
-                   **images_index.config.__dict__},
-        "words": {"size": len(words_index), "dimension": words_index.dimension, "shards": 1,
-                  **words_index.config.__dict__},
+        "images": artifact.IndexInfo(len(items), images_index.dimension, shards, dict(images_index.config.__dict__)),
+        "words": artifact.IndexInfo(len(words_index), words_index.dimension, 1, dict(words_index.config.__dict__)),
     }

@@ -34,34 +34,39 @@ def _features(records, encoder: EncoderCore, cache: Path) -> tuple[list, np.ndar
     """Backbone features of `records` through the batch job's feature cache (Ray Data for the missing ones)."""
     import ray
 
-    manifest = encoder.manifest["backbone"]
+    backbone = encoder.manifest.backbone
     actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    extraction = extract(records, manifest["name"], encoder.directory / artifact.BACKBONE,
-                         Preprocessing.from_dict(manifest["preprocessing"]), cache / "features", 64, actors, 1)
+    extraction = extract(records, backbone.name, encoder.directory / artifact.BACKBONE,
+                         Preprocessing.from_dict(backbone.preprocessing), cache / "features", 64, actors, 1)
     ok = [r for r in records if r.path in extraction.features]
     features = np.stack([extraction.features[r.path] for r in ok]) if ok else np.zeros((0, 1), np.float32)
     return ok, features, len(extraction.unreadable)
 
 
+def _head_config(encoder: EncoderCore) -> HeadConfig:
+    """The recipe the artifact's head was trained with."""
+    return HeadConfig(**{k: v for k, v in encoder.manifest.head.config.items() if k in HeadConfig.__dataclass_fields__})
+
+
 def _extras(encoder: EncoderCore, cache: Path, held_out: list[str] | None) -> tuple[quality.Extras | None, object]:
     """The artifact's softmax baseline and zero-shot head; trained here (and mode parameters chosen again
     on the training folder's validation split) when the artifact lacks them or other labels are held out."""
-    labels = encoder.manifest["labels"]
-    stored = encoder.manifest.get("quality", {})
+    labels = encoder.manifest.labels
+    stored = encoder.manifest.quality
     baselines = encoder.directory / quality.BASELINES
-    wanted = quality.held_out_labels(labels, held_out or stored.get("held_out") or None, encoder.manifest["head"]["seed"])
-    if (baselines / quality.ZERO_SHOT_HEAD).is_file() and wanted == stored.get("held_out"):
+    wanted = quality.held_out_labels(labels, held_out or stored.held_out or None, encoder.manifest.head.seed)
+    if (baselines / quality.ZERO_SHOT_HEAD).is_file() and wanted == stored.held_out:
         return quality.Extras(Head.load(baselines / quality.SOFTMAX_HEAD), Head.load(baselines / quality.ZERO_SHOT_HEAD),
                               wanted), encoder.modes
     if len(labels) < 3:
         return None, encoder.modes
     log.info("training the softmax baseline and a zero-shot head without %s on %s", ", ".join(wanted),
-             encoder.manifest["data"]["labelled"])
-    records = [r for r in labelled(list_images(encoder.manifest["data"]["labelled"])) if r.label in labels]
+             encoder.manifest.data.labelled)
+    records = [r for r in labelled(list_images(encoder.manifest.data.labelled)) if r.label in labels]
     records, features, _ = _features(records, encoder, cache)
     label_ids = np.asarray([labels.index(r.label) for r in records])
-    config = HeadConfig(**{k: v for k, v in encoder.manifest["head"].items() if k in HeadConfig.__dataclass_fields__})
-    train_rows, val_rows = split(label_ids, stored.get("val_fraction", 0.1), config.seed)
+    config = _head_config(encoder)
+    train_rows, val_rows = split(label_ids, stored.val_fraction, config.seed)
     targets = quality.label_matrix(labels, encoder.rows, encoder.word_vectors)
     extras = quality.train_extras(features, label_ids, labels, targets, train_rows, val_rows, config,
                                   cache / "ray-train", wanted)
@@ -82,7 +87,7 @@ def evaluate(artifacts: str | Path, data: str | Path, cache: str | Path = ".cach
     started = time.perf_counter()
     cache = Path(cache)
     encoder = EncoderCore(artifacts)
-    labels = encoder.manifest["labels"]
+    labels = encoder.manifest.labels
     records = labelled(list_images(data))
     records, features, unreadable = _features(records, encoder, cache)
     extras, modes = _extras(encoder, cache, held_out)
@@ -127,7 +132,7 @@ def _open(encoder: EncoderCore, modes, open_data: str | Path, cache: Path, out: 
     block = evaluate_open.open_vocabulary(modes, photos, encoder.rows, encoder.word_vectors, broad)
     block["data"] = str(open_data)
     if real_zero_shot:
-        config = HeadConfig(**{k: v for k, v in encoder.manifest["head"].items() if k in HeadConfig.__dataclass_fields__})
+        config = _head_config(encoder)
         block["real_zero_shot"] = evaluate_open.real_zero_shot(modes, photos, encoder.rows, encoder.word_vectors,
                                                                config, cache / "ray-train")
     if out:

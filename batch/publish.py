@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from services.common import artifact
@@ -41,13 +41,11 @@ def checksums(directory: Path) -> dict[str, str]:
     }
 
 
-def publish(staging: Path, root: Path, manifest: dict) -> Path:
-    """Write the manifest, move `staging` to `root/<version>`, then point `root/current` at it."""
+def publish(staging: Path, root: Path, manifest: artifact.Manifest) -> Path:
+    """Write the manifest (with its version and checksums), move `staging` to `root/<version>`, then point
+    `root/current` at it."""
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-    manifest = {**manifest, "format_version": artifact.FORMAT_VERSION, "version": version,
-                "files": checksums(staging)}
-    manifest_path = staging / artifact.MANIFEST
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    artifact.write_manifest(staging, replace(manifest, version=version, files=checksums(staging)))
     _fsync_tree(staging)
     final = root / version
     os.rename(staging, final)
@@ -64,8 +62,8 @@ def verify(version_dir: Path) -> list[str]:
     """Files whose checksum differs from the manifest's (empty when the artifact is intact)."""
     manifest = artifact.read_manifest(version_dir)
     actual = checksums(version_dir)
-    return sorted(name for name in set(manifest["files"]) | set(actual)
-                  if manifest["files"].get(name) != actual.get(name))
+    return sorted(name for name in set(manifest.files) | set(actual)
+                  if manifest.files.get(name) != actual.get(name))
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -208,22 +208,21 @@ def run(options: Options) -> Path:
                         "total": round(time.perf_counter() - started, 1)},
         }
         (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
-        manifest = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": _versions(),
-            "backbone": {"name": options.backbone, "weights": options.backbone_weights or "packaged",
-                         "feature_dimension": int(features.shape[1]), "preprocessing": spec.preprocessing.to_dict()},
-            "word_vectors": {"source": words.source, "dimension": words.dimension, "vocabulary": len(words.words)},
-            "dimension": words.dimension,
-            "labels": labels,
-            "head": {**options.head.__dict__, "validation_label_hit1": trained.val_hit1},
-            "modes": mode_params,
-            "quality": {"held_out": extras.held_out if extras else [], "seed": options.head.seed,
-                        "val_fraction": options.val_fraction},
-            "data": {"labelled": str(options.data), "searchable": str(options.index_data or options.data),
-                     "open_vocabulary": str(options.open_data) if options.open_data else None},
-            "indexes": indexes,
-        }
+        manifest = artifact.Manifest(
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            versions=_versions(),
+            backbone=artifact.Backbone(options.backbone, options.backbone_weights or "packaged",
+                                       int(features.shape[1]), spec.preprocessing.to_dict()),
+            word_vectors=artifact.WordSpace(words.source, words.dimension, len(words.words)),
+            dimension=words.dimension,
+            labels=labels,
+            head=artifact.HeadInfo(dict(options.head.__dict__), trained.val_hit1),
+            modes=mode_params,
+            quality=artifact.QualityInfo(extras.held_out if extras else [], options.head.seed, options.val_fraction),
+            data=artifact.DataInfo(str(options.data), str(options.index_data or options.data),
+                                   str(options.open_data) if options.open_data else None),
+            indexes=indexes,
+        )
         version_dir = publish(staging, options.artifacts, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +78,9 @@ def train_and_evaluate(config: Config, words: str, args: argparse.Namespace) -> 
         "config": config.name,
         "backbone": config.backbone,
         "input_px": backbones.spec(config.backbone).preprocessing.size,
-        "feature_dimension": manifest["backbone"]["feature_dimension"],
+        "feature_dimension": manifest.backbone.feature_dimension,
         "onnx_mb": round(backbone_onnx(options).stat().st_size / 1e6, 1),
-        "word_vectors": manifest["word_vectors"],
+        "word_vectors": asdict(manifest.word_vectors),
         "head_train_s": round(sum(r["head_train_s"] for r in runs) / len(runs), 1),
         "evaluation": {m: round(float(np.mean([r["evaluation"][m] for r in runs])), 4) for m in METRICS},
         "range": {m: [min(r["evaluation"][m] for r in runs), max(r["evaluation"][m] for r in runs)] for m in METRICS},

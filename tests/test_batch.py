@@ -27,10 +27,10 @@ def test_artifact_is_complete_and_its_checksums_hold(artifact_root, cifar):
     version = artifact.resolve(artifact_root)
     assert (artifact_root / artifact.CURRENT).is_symlink()
     manifest = artifact.read_manifest(version)
-    assert manifest["dimension"] == 50 and manifest["word_vectors"]["vocabulary"] == 400_000
-    assert manifest["backbone"]["name"] == "efficientnet-lite0"
-    assert manifest["indexes"]["images"]["size"] == 10 * TRAIN_PER_LABEL
-    assert manifest["labels"] == sorted(p.name for p in (cifar / "train").iterdir())
+    assert manifest.dimension == 50 and manifest.word_vectors.vocabulary == 400_000
+    assert manifest.backbone.name == "efficientnet-lite0"
+    assert manifest.indexes["images"].size == 10 * TRAIN_PER_LABEL
+    assert manifest.labels == sorted(p.name for p in (cifar / "train").iterdir())
     assert verify(version) == []
     report = json.loads((version / artifact.REPORT).read_text())
     assert report["validation"]["label_hit1"] > 0.5  # ten labels: chance is 0.1
@@ -69,7 +69,7 @@ def test_unreadable_files_are_skipped_and_listed(messy_dataset, cache_dir, tmp_p
     unreadable = (version / artifact.UNREADABLE).read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in unreadable) == ["notes.txt", "truncated.jpg", "zero.jpg"]
     manifest = artifact.read_manifest(version)
-    assert manifest["indexes"]["images"]["size"] == 24
+    assert manifest.indexes["images"].size == 24
     assert json.loads((version / artifact.REPORT).read_text())["images"]["unreadable"] == 3
 
 

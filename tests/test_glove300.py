@@ -30,7 +30,7 @@ def test_300d_artifact_end_to_end(glove_300d_file, ray_runtime, cache_dir, cifar
     version = run(train_options(cifar / "train", tmp_path / "artifacts", cache_dir, limit_per_label=40,
                                 word_vectors=str(glove_300d_file), head=HeadConfig(epochs=10)))
     manifest = artifact.read_manifest(version)
-    assert manifest["dimension"] == 300 and manifest["word_vectors"]["vocabulary"] == 20_000
+    assert manifest.dimension == 300 and manifest.word_vectors.vocabulary == 20_000
     encoder = EncoderCore(version)
     assert encoder.encode_text("ship")[0].shape == (300,)
     indexes = load_index_set(version)

@@ -151,7 +151,7 @@ def next_version(artifact_root, cifar, cache_dir, tmp_path_factory) -> Path:
     log = live.LiveLog(elsewhere)
     photo = (cifar / PHOTO).read_bytes()
     log.append([live.Entry("add", image_id(photo), "ship", log.store_image(photo), (1.0,) * 50,
-                           live.space_of(artifact.read_manifest(artifact.resolve(elsewhere))))])
+                           artifact.read_manifest(artifact.resolve(elsewhere)).space)])
     return run(train_options(cifar / "train", elsewhere, cache_dir, head=HeadConfig(epochs=3, seed=7)))
 
 
@@ -257,4 +257,4 @@ def test_a_published_artifact_is_switched_to_under_load_with_no_failed_query(roo
         assert top.id == added and top.score > 0.999
         with grpc.insecure_channel(f"127.0.0.1:{index_port}") as channel:
             info = index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest(index="images"))
-        assert info.indexes[0].size == artifact.read_manifest(root / new)["indexes"]["images"]["size"] == 1001
+        assert info.indexes[0].size == artifact.read_manifest(root / new).indexes["images"].size == 1001

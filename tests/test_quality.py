@@ -61,8 +61,8 @@ def test_conse_tags_photos_without_any_training(encoder, test_photos):
     assert np.mean(cats @ cat > cats @ truck) >= 0.8
     assert np.mean(trucks @ truck > trucks @ cat) >= 0.8
     # Among the 10 labels, far better than chance (0.1), with no training at all.
-    label_vectors = quality.label_matrix(encoder.manifest["labels"], encoder.rows, encoder.word_vectors)
-    predicted = np.asarray(encoder.manifest["labels"])[(vectors @ label_vectors.T).argmax(1)]
+    label_vectors = quality.label_matrix(encoder.manifest.labels, encoder.rows, encoder.word_vectors)
+    predicted = np.asarray(encoder.manifest.labels)[(vectors @ label_vectors.T).argmax(1)]
     assert np.mean(predicted == truth) >= 0.2
     # The nearest words of a cat photo, over the whole vocabulary, are animal words.
     top = np.argsort(-(cats.mean(0) @ encoder.word_vectors.T))[:10]
@@ -71,7 +71,7 @@ def test_conse_tags_photos_without_any_training(encoder, test_photos):
 
 def test_hybrid_ranks_trained_labels_exactly_like_devise(encoder, test_photos):
     _, _, features = test_photos
-    label_vectors = quality.label_matrix(encoder.manifest["labels"], encoder.rows, encoder.word_vectors)
+    label_vectors = quality.label_matrix(encoder.manifest.labels, encoder.rows, encoder.word_vectors)
     devise = encoder.modes.embed(features, "devise") @ label_vectors.T
     for beta in (0.5, 2.0, 6.0):
         hybrid = encoder.modes.embed(features, "hybrid", beta=beta) @ label_vectors.T
@@ -94,7 +94,7 @@ def test_encode_images_per_request_mode(cifar, encoder):
 
 
 def test_artifact_records_modes_chosen_on_validation(encoder):
-    params = encoder.manifest["modes"]
+    params = encoder.manifest.modes
     assert params["default"] in MODES and encoder.default_mode == params["default"]
     chosen = params["chosen_on"]
     assert chosen["split"] == "validation split of the training folder"
@@ -133,7 +133,7 @@ def test_zero_shot_hybrid_finds_labels_it_never_trained_on(encoder, test_photos)
     zero_shot = Head.load(encoder.directory / quality.BASELINES / quality.ZERO_SHOT_HEAD)
     softmax = Head.load(encoder.directory / quality.BASELINES / quality.SOFTMAX_HEAD)
     extras = quality.Extras(softmax, zero_shot, ["cat", "truck"])
-    report = quality.report(encoder.modes, features, labels, encoder.manifest["labels"], encoder.words,
+    report = quality.report(encoder.modes, features, labels, encoder.manifest.labels, encoder.words,
                             encoder.rows, encoder.word_vectors, extras, ids)
     zero = report["zero_shot"]
     assert zero["unseen_photos"] == 2 * PER_LABEL
@@ -197,7 +197,7 @@ def test_gated_mode_keeps_the_head_for_training_like_photos_and_conse_for_real_o
     assert np.median(modes.gate(cifar_features)) < 0.1  # CIFAR-10 test photos: the head's vector
     assert np.median(modes.gate(real_features)) > 0.9  # full-size real photos: ConSE's
     cifar = modes.embed(cifar_features, "gated")
-    label_vectors = quality.label_matrix(encoder.manifest["labels"], encoder.rows, encoder.word_vectors)
+    label_vectors = quality.label_matrix(encoder.manifest.labels, encoder.rows, encoder.word_vectors)
     same = (cifar @ label_vectors.T).argmax(1) == (modes.embed(cifar_features, "hybrid") @ label_vectors.T).argmax(1)
     assert same.mean() >= 0.95
 

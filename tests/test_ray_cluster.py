@@ -30,9 +30,9 @@ def test_two_node_cluster_matches_a_single_node_run(cifar, tmp_path):
     assert len(by_node) == 2 and sum(by_node.values()) == 200 and min(by_node.values()) > 0, by_node
 
     a, b = artifact.read_manifest(clustered), artifact.read_manifest(single)
-    assert a["indexes"] == b["indexes"] and a["labels"] == b["labels"] and a["dimension"] == b["dimension"]
+    assert a.indexes == b.indexes and a.labels == b.labels and a.dimension == b.dimension
     for name in ("backbone.onnx", "indexes/words/vectors.npy", "indexes/words/items.jsonl"):
-        assert a["files"][name] == b["files"][name], name
+        assert a.files[name] == b.files[name], name
     images = artifact.INDEXES + "/images/"
     assert read_items(clustered / images / "items.jsonl") == read_items(single / images / "items.jsonl")
     np.testing.assert_allclose(np.load(clustered / images / "vectors.npy"), np.load(single / images / "vectors.npy"),

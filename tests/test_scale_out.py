@@ -35,7 +35,7 @@ def sharded_artifact(artifact_root, cache_dir, cifar, real_photos, tmp_path_fact
 
 def test_shards_partition_the_same_images(artifact_root, sharded_artifact):
     whole, sharded = artifact.resolve(artifact_root), artifact.resolve(sharded_artifact)
-    assert artifact.read_manifest(sharded)["indexes"]["images"]["shards"] == SHARDS
+    assert artifact.read_manifest(sharded).indexes["images"].shards == SHARDS
     parts = [sharded / "indexes" / "images" / f"shard-{i}" for i in range(SHARDS)]
     items = [item for part in parts for item in read_items(part / "items.jsonl")]
     vectors = np.concatenate([np.load(part / "vectors.npy") for part in parts])

@@ -24,26 +24,26 @@ class EncoderCore:
         self.manifest = artifact.read_manifest(self.directory)
         words_dir = self.directory / artifact.INDEXES / "words"
         words = WordVectors([item.id for item in read_items(words_dir / "items.jsonl")],
-                            np.load(words_dir / "vectors.npy"), self.manifest["word_vectors"]["source"])
+                            np.load(words_dir / "vectors.npy"), self.manifest.word_vectors.source)
         self.words, self.word_vectors, self.rows = words.words, words.vectors, words.index()
         self.images = ImageEncoder(
             self.directory / artifact.BACKBONE,
-            self.manifest["backbone"]["preprocessing"],
+            self.manifest.backbone.preprocessing,
             self.directory / artifact.HEAD,
             threads=threads,
             decode_slots=decode_slots,
         )
         self.modes = Modes.load(self.directory / MODES_FILE, self.images.head,
-                                ModeParams.from_dict(self.manifest["modes"]))
+                                ModeParams.from_dict(self.manifest.modes))
         log.info("encoder loaded %s: %d words, dimension %d", self.version, len(self.words), self.dimension)
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     @property
     def dimension(self) -> int:
-        return int(self.manifest["dimension"])
+        return self.manifest.dimension
 
     def encode_text(self, text: str) -> tuple[np.ndarray, list[query.Term]]:
         """QueryError for a malformed query, UnknownWordsError naming words without a vector."""
@@ -70,8 +70,8 @@ class EncoderCore:
     def info(self) -> dict:
         return {
             "dimension": self.dimension,
-            "backbone": self.manifest["backbone"]["name"],
-            "word_vectors": self.manifest["word_vectors"]["source"],
+            "backbone": self.manifest.backbone.name,
+            "word_vectors": self.manifest.word_vectors.source,
             "vocabulary_size": len(self.words),
             "artifact_version": self.version,
         }

@@ -211,11 +211,6 @@ class _Either:
         return len(self.first) + len(self.second)
 
 
-def space_of(manifest: dict) -> str:
-    """The word space an artifact's vectors live in; vectors from the same space can be mixed."""
-    return f"{manifest['word_vectors']['source']}:{manifest['dimension']}"
-
-
 def check_new_image(item_id: str, data: bytes, vector, dimension: int, label: str | None = None) -> None:
     """InvalidQuery unless the id is the bytes' content id, the vector a finite one of the index's
     dimension and the label (if any) at most bounds.MAX_LABEL_CHARS long."""

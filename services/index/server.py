@@ -20,7 +20,7 @@ from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
 from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
-from services.index.live import LiveImages, space_of
+from services.index.live import LiveImages
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ LIVE_INDEX = "images"
 def load_index_set(directory: Path, names: list[str] | None = None, shard: int | None = None) -> IndexSet:
     """One artifact version's indexes; the image index carries the live log of the artifact root."""
     manifest = artifact.read_manifest(directory)
-    indexes = IndexSet.load(directory / artifact.INDEXES, manifest["version"], names, shard)
+    indexes = IndexSet.load(directory / artifact.INDEXES, manifest.version, names, shard)
     if LIVE_INDEX in indexes.indexes:
-        indexes.indexes[LIVE_INDEX] = LiveImages(indexes.indexes[LIVE_INDEX], directory.parent, space_of(manifest),
+        indexes.indexes[LIVE_INDEX] = LiveImages(indexes.indexes[LIVE_INDEX], directory.parent, manifest.space,
                                                  indexes.shards.get(LIVE_INDEX))
     return indexes
 
