@@ -43,6 +43,10 @@ def _features(records, encoder: EncoderCore, cache: Path) -> tuple[list, np.ndar
     return ok, features, len(extraction.unreadable)
 
 
+def _vocabulary(encoder: EncoderCore) -> quality.Vocabulary:
+    return quality.Vocabulary(encoder.words, encoder.rows, encoder.word_vectors)
+
+
 def _head_config(encoder: EncoderCore) -> HeadConfig:
     """The recipe the artifact's head was trained with."""
     return HeadConfig(**{k: v for k, v in encoder.manifest.head.config.items() if k in HeadConfig.__dataclass_fields__})
@@ -71,8 +75,9 @@ def _extras(encoder: EncoderCore, cache: Path, held_out: list[str] | None) -> tu
     extras = quality.train_extras(features, label_ids, labels, targets, train_rows, val_rows, config,
                                   cache / "ray-train", wanted)
     zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, wanted)
-    chosen, _ = quality.choose(encoder.modes, features[val_rows], label_ids[val_rows], labels, encoder.words,
-                               encoder.rows, encoder.word_vectors, extras, features[zs_rows], label_ids[zs_rows])
+    chosen, _ = quality.choose(encoder.modes, labels, _vocabulary(encoder),
+                               quality.Photos(features[val_rows], label_ids[val_rows]), extras,
+                               quality.Photos(features[zs_rows], label_ids[zs_rows]))
     # only the zero-shot parameters change with the held-out labels; the artifact's modes stay as chosen
     zero_shot = chosen.params.chosen_on["zero_shot"]
     return extras, encoder.modes.with_params(gamma=chosen.params.gamma,
@@ -92,8 +97,7 @@ def evaluate(artifacts: str | Path, data: str | Path, cache: str | Path = ".cach
     records, features, unreadable = _features(records, encoder, cache)
     extras, modes = _extras(encoder, cache, held_out)
     truths = [r.label for r in records]
-    result = quality.report(modes, features, truths, labels, encoder.words, encoder.rows, encoder.word_vectors,
-                            extras, ids=[r.id for r in records])
+    result = quality.report(modes, features, truths, labels, _vocabulary(encoder), extras, ids=[r.id for r in records])
     default = result["default_mode"]
     result.update(artifact=encoder.version, data=str(data), unreadable=unreadable,
                   not_a_label=sum(t not in labels for t in truths),

@@ -76,6 +76,28 @@ class Extras:
     held_out: list[str]
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """The whole word-vector vocabulary as the figures use it: the words, each word's row, the unit rows."""
+
+    words: list[str]
+    rows: dict[str, int]
+    vectors: np.ndarray
+
+    @classmethod
+    def of(cls, word_vectors) -> Vocabulary:
+        """From a services.encoder.word_vectors.WordVectors."""
+        return cls(word_vectors.words, word_vectors.index(), word_vectors.vectors)
+
+
+@dataclass(frozen=True)
+class Photos:
+    """Backbone features of labelled photos and their label ids (positions in the label list)."""
+
+    features: np.ndarray
+    truth: np.ndarray
+
+
 def label_matrix(labels: list[str], rows: dict[str, int], vectors: np.ndarray,
                  source: str = "the vocabulary") -> np.ndarray:
     """Each label's unit vector: its word's, or the mean of its words' (`golden_retriever`).
@@ -177,14 +199,13 @@ def zero_shot_rows(label_ids: np.ndarray, val_rows: np.ndarray, labels: list[str
     return np.union1d(val_rows[~unseen[val_rows]], np.flatnonzero(unseen))
 
 
-def choose(modes: Modes, features: np.ndarray, truth: np.ndarray, labels: list[str], words: list[str],
-           rows: dict[str, int], word_vectors: np.ndarray, extras: Extras | None,
-           zero_shot_features: np.ndarray | None = None, zero_shot_truth: np.ndarray | None = None,
-           open_set: OpenSet | None = None, make_table: MakeTable | None = None
-           ) -> tuple[Modes, dict]:
+def choose(modes: Modes, labels: list[str], vocabulary: Vocabulary, validation: Photos,
+           extras: Extras | None = None, zero_shot: Photos | None = None, open_set: OpenSet | None = None,
+           make_table: MakeTable | None = None) -> tuple[Modes, dict]:
     """Mode parameters from validation figures, never from a test split.
 
-    `features`/`truth`: the training folder's validation split (trained labels). `open_set`: real
+    `validation`: the training folder's validation split (trained labels). `zero_shot`: the photos the
+    zero-shot parameters are chosen on (zero_shot_rows; default `validation`). `open_set`: real
     photos of the validation half of an open-vocabulary folder (words never trained on), if any.
 
     - ConSE's class vectors (WordNet enrichment, `make_table`), T and the text queries' expansion
@@ -197,20 +218,20 @@ def choose(modes: Modes, features: np.ndarray, truth: np.ndarray, labels: list[s
       at least devise's, else devise).
     - zero-shot beta and gamma: see _choose_zero_shot.
     """
-    label_vectors = label_matrix(labels, rows, word_vectors)
-    trained = _TrainedLabels(features, truth, [labels[t].lower() for t in truth], label_vectors, words, word_vectors)
-    figures: dict = {"images": int(len(truth)), "open_vocabulary": _describe(open_set)}
-    modes = _choose_conse(modes, trained, open_set, make_table, rows, figures)
+    label_vectors = label_matrix(labels, vocabulary.rows, vocabulary.vectors)
+    trained = _TrainedLabels(validation.features, validation.truth, [labels[t].lower() for t in validation.truth],
+                             label_vectors, vocabulary)
+    figures: dict = {"images": int(len(validation.truth)), "open_vocabulary": _describe(open_set)}
+    modes = _choose_conse(modes, trained, open_set, make_table, figures)
     modes = _choose_beta(modes, trained, figures)
-    modes = _choose_gate(modes, trained, open_set, rows, figures)
-    default = _choose_default(modes, trained, open_set, labels, rows, figures)
-    zero_shot, gamma = {}, 0.0
+    modes = _choose_gate(modes, trained, open_set, figures)
+    default = _choose_default(modes, trained, open_set, labels, figures)
+    zero_shot_figures, gamma = {}, 0.0
     if extras is not None:
-        if zero_shot_features is None:
-            zero_shot_features, zero_shot_truth = features, truth
-        zero_shot = _choose_zero_shot(modes, extras, labels, label_vectors, zero_shot_features, zero_shot_truth)
-        gamma = zero_shot["gamma"]
-    chosen_on = {"split": "validation split of the training folder", **figures, "zero_shot": zero_shot}
+        zero_shot = validation if zero_shot is None else zero_shot
+        zero_shot_figures = _choose_zero_shot(modes, extras, labels, label_vectors, zero_shot.features, zero_shot.truth)
+        gamma = zero_shot_figures["gamma"]
+    chosen_on = {"split": "validation split of the training folder", **figures, "zero_shot": zero_shot_figures}
     modes = modes.with_params(default=default, gamma=gamma, chosen_on=chosen_on)
     return modes, modes.params.to_dict()
 
@@ -223,13 +244,12 @@ class _TrainedLabels:
     truth: np.ndarray
     truth_words: list[str]
     label_vectors: np.ndarray
-    words: list[str]
-    word_vectors: np.ndarray
+    vocabulary: Vocabulary
 
     def figures(self, vectors: np.ndarray) -> tuple[float, float]:
         """(flat hit@1 over the labels, tag hit@1 over the whole vocabulary)."""
         flat = hits(vectors @ self.label_vectors.T, self.truth, (1,))["hit1"]
-        return flat, tag_hits(vectors, self.truth_words, self.words, self.word_vectors, (1,))["tag_hit1"]
+        return flat, tag_hits(vectors, self.truth_words, self.vocabulary.words, self.vocabulary.vectors, (1,))["tag_hit1"]
 
     def keeps(self, vectors: np.ndarray, devise: tuple[float, float]) -> bool:
         flat, tag = self.figures(vectors)
@@ -244,13 +264,12 @@ def _describe(open_set: OpenSet | None) -> dict:
             "split": "validation half of the open-vocabulary folder's categories (batch/open_vocab.py)"}
 
 
-def _open_score(vectors: np.ndarray, open_set: OpenSet, rows: dict[str, int], word_vectors: np.ndarray,
-                expand: Expand | None) -> float:
-    return open_set.score(vectors, rows, word_vectors, expand)["score"]
+def _open_score(vectors: np.ndarray, open_set: OpenSet, vocabulary: Vocabulary, expand: Expand | None) -> float:
+    return open_set.score(vectors, vocabulary.rows, vocabulary.vectors, expand)["score"]
 
 
 def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None,
-                  make_table: MakeTable | None, rows: dict[str, int], figures: dict) -> Modes:
+                  make_table: MakeTable | None, figures: dict) -> Modes:
     """ConSE's class vectors, T and the text queries' expansion weight."""
     candidates = (ENRICHMENTS if open_set is not None else (PLAIN, Enrichment())) if make_table else (None,)
     best, scores = None, {}
@@ -260,8 +279,8 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
             for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
                 if open_set is not None:
                     expand = candidate.expansion.at(weight)
-                    score = _open_score(candidate.conse(open_set.features, top), open_set, rows,
-                                        trained.word_vectors, expand)
+                    score = _open_score(candidate.conse(open_set.features, top), open_set, trained.vocabulary,
+                                        expand)
                 else:
                     score = hits(candidate.conse(trained.features, top) @ trained.label_vectors.T, trained.truth,
                                  (1,))["hit1"]
@@ -290,8 +309,7 @@ def _choose_beta(modes: Modes, trained: _TrainedLabels, figures: dict) -> Modes:
     return modes.with_params(beta=beta)
 
 
-def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None, rows: dict[str, int],
-                 figures: dict) -> Modes:
+def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None, figures: dict) -> Modes:
     """gated's center and width: best OPEN_SCORE that keeps the trained labels' figures."""
     if open_set is None or modes.familiarity is None:
         figures["gate"] = {"rule": "defaults (no open-vocabulary validation photos)"}
@@ -303,7 +321,7 @@ def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None
         for width in GATE_WIDTHS:
             (tf, th, tc), (of, oh, oc) = parts
             keeps = trained.keeps(modes.gated(tf, th, tc, center, width), devise)
-            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, rows, trained.word_vectors,
+            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, trained.vocabulary,
                                 modes.expand)
             scores[f"{center}/{width}"] = {"open_score": score, "keeps_trained_labels": keeps}
             if keeps and (best is None or score > best[0] + 1e-9):
@@ -317,12 +335,12 @@ def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None
 
 
 def _choose_default(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None, labels: list[str],
-                    rows: dict[str, int], figures: dict) -> str:
+                    figures: dict) -> str:
     devise = (figures["devise_flat_hit1"], figures["devise_tag_hit1"])
     if open_set is None:
         vectors = {mode: modes.embed(trained.features, mode) for mode in ("devise", "hybrid")}
-        concepts = concept_benchmark(vectors, [labels[t] for t in trained.truth], rows, trained.word_vectors,
-                                     expand=modes.expand)["mean"]
+        concepts = concept_benchmark(vectors, [labels[t] for t in trained.truth], trained.vocabulary.rows,
+                                     trained.vocabulary.vectors, expand=modes.expand)["mean"]
         figures.update(devise_concepts_p10=concepts["devise"], hybrid_concepts_p10=concepts["hybrid"],
                        default_rule="hybrid if beta > 0 and its concept precision@10 >= devise's, else devise")
         return "hybrid" if modes.params.beta > 0 and concepts["hybrid"] >= concepts["devise"] else "devise"
@@ -331,8 +349,8 @@ def _choose_default(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | N
         if mode == "gated" and modes.familiarity is None:
             continue
         keeps = trained.keeps(modes.embed(trained.features, mode), devise)
-        candidates[mode] = {**open_set.score(modes.embed(open_set.features, mode), rows, trained.word_vectors,
-                                             modes.expand),
+        candidates[mode] = {**open_set.score(modes.embed(open_set.features, mode), trained.vocabulary.rows,
+                                             trained.vocabulary.vectors, modes.expand),
                             "keeps_trained_labels": keeps}
     figures.update(modes=candidates, default_rule=f"best {OPEN_SCORE} among the modes keeping flat and tag "
                                                   f"hit@1 within {TOLERANCE} of devise's")
@@ -363,10 +381,10 @@ def _choose_zero_shot(modes: Modes, extras: Extras, labels: list[str], label_vec
             "rule": f"best unseen hit@1 among all labels keeping seen hit@1 >= {SEEN_KEEP} x devise's"}
 
 
-def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: list[str], words: list[str],
-           rows: dict[str, int], word_vectors: np.ndarray, extras: Extras | None = None,
-           ids: list[str] | None = None) -> dict:
+def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: list[str], vocabulary: Vocabulary,
+           extras: Extras | None = None, ids: list[str] | None = None) -> dict:
     """The quality report on labelled images (features of the evaluated split, true label names)."""
+    rows, word_vectors = vocabulary.rows, vocabulary.vectors
     label_vectors = label_matrix(labels, rows, word_vectors)
     keep = np.asarray([t in labels for t in truth_labels])
     features = features[keep]
@@ -374,52 +392,64 @@ def report(modes: Modes, features: np.ndarray, truth_labels: list[str], labels: 
     ids = [i for i, k in zip(ids or [str(n) for n in range(len(keep))], keep) if k]
     truth = np.asarray([labels.index(t) for t in truth_labels])
     truth_words = [t.lower() for t in truth_labels]
-    out: dict = {"images": int(len(truth)), "labels": labels, "vocabulary": len(words),
+    out: dict = {"images": int(len(truth)), "labels": labels, "vocabulary": len(vocabulary.words),
                  "params": modes.params.to_dict(), "default_mode": modes.params.default}
     vectors = {mode: modes.embed(features, mode) for mode in MODES}
     out["flat"] = {mode: hits(vectors[mode] @ label_vectors.T, truth) for mode in MODES}
     if extras is not None:
         out["flat"]["softmax_baseline"] = hits(extras.softmax(features), truth)
     out["flat"]["random"] = {f"hit{k}": min(1.0, k / len(labels)) for k in (1, 2, 5)}
-    out["tags"] = {mode: tag_hits(vectors[mode], truth_words, words, word_vectors) for mode in MODES}
-
+    out["tags"] = {mode: tag_hits(vectors[mode], truth_words, vocabulary.words, word_vectors) for mode in MODES}
     if extras is not None:
-        seen = np.asarray([label not in extras.held_out for label in labels])
-        zs = modes.with_head(extras.zero_shot, label_vectors[seen])
-        zero = modes.params.chosen_on.get("zero_shot") or {}
-        beta, gamma = float(zero.get("beta", modes.params.beta)), float(zero.get("gamma", modes.params.gamma))
-        block = {"held_out": extras.held_out, "beta": beta, "gamma": gamma,
-                 "unseen_photos": int((~seen[truth]).sum()), "seen_photos": int(seen[truth].sum()),
-                 "random_hit1_all": 1 / len(labels)}
-        settings = {"devise": ("devise", 1.0, 0.0), "conse": ("conse", 0.0, 0.0),
-                    "hybrid_uncalibrated": ("hybrid", beta, 0.0), "hybrid": ("hybrid", beta, gamma)}
-        for name, (mode, a, g) in settings.items():
-            scores = zero_shot_scores(zs, features, label_vectors, seen, mode, a, g)
-            unseen_all, seen_all = _split_hit1(scores, truth, seen)
-            unseen_only = np.where(seen[None, :], -np.inf, scores)
-            seen_only = np.where(~seen[None, :], -np.inf, scores)
-            u = ~seen[truth]
-            block[name] = {
-                "unseen_hit1_all": unseen_all, "seen_hit1_all": seen_all,
-                "unseen_hit1_among_unseen": float(np.mean(unseen_only[u].argmax(1) == truth[u])) if u.any() else 0.0,
-                "seen_hit1_among_seen": float(np.mean(seen_only[~u].argmax(1) == truth[~u])) if (~u).any() else 0.0,
-            }
-        zs_vectors = {mode: zs.embed(features, mode, beta=beta) for mode in MODES}
-        block["concepts_p10"] = concept_benchmark(zs_vectors, truth_labels, rows, word_vectors, expand=modes.expand,
-                                                  only={c for c, rel in CONCEPTS.items()
-                                                        if set(rel) & set(extras.held_out)})
-        out["zero_shot"] = block
+        out["zero_shot"] = _zero_shot_report(modes, extras, features, truth, truth_labels, labels, label_vectors,
+                                             vocabulary)
     out["concepts"] = concept_benchmark(vectors, truth_labels, rows, word_vectors, expand=modes.expand)
-    default = vectors[modes.params.default]
-    out["examples"] = {}
+    out["examples"] = _examples(vectors[modes.params.default], vocabulary, modes.expand, ids, truth_labels)
+    return out
+
+
+def _zero_shot_report(modes: Modes, extras: Extras, features: np.ndarray, truth: np.ndarray, truth_labels: list[str],
+                      labels: list[str], label_vectors: np.ndarray, vocabulary: Vocabulary) -> dict:
+    """The report's zero-shot block: the head trained without the held-out labels, per setting."""
+    seen = np.asarray([label not in extras.held_out for label in labels])
+    zs = modes.with_head(extras.zero_shot, label_vectors[seen])
+    zero = modes.params.chosen_on.get("zero_shot") or {}
+    beta, gamma = float(zero.get("beta", modes.params.beta)), float(zero.get("gamma", modes.params.gamma))
+    block = {"held_out": extras.held_out, "beta": beta, "gamma": gamma,
+             "unseen_photos": int((~seen[truth]).sum()), "seen_photos": int(seen[truth].sum()),
+             "random_hit1_all": 1 / len(labels)}
+    settings = {"devise": ("devise", 1.0, 0.0), "conse": ("conse", 0.0, 0.0),
+                "hybrid_uncalibrated": ("hybrid", beta, 0.0), "hybrid": ("hybrid", beta, gamma)}
+    for name, (mode, a, g) in settings.items():
+        scores = zero_shot_scores(zs, features, label_vectors, seen, mode, a, g)
+        unseen_all, seen_all = _split_hit1(scores, truth, seen)
+        unseen_only = np.where(seen[None, :], -np.inf, scores)
+        seen_only = np.where(~seen[None, :], -np.inf, scores)
+        u = ~seen[truth]
+        block[name] = {
+            "unseen_hit1_all": unseen_all, "seen_hit1_all": seen_all,
+            "unseen_hit1_among_unseen": float(np.mean(unseen_only[u].argmax(1) == truth[u])) if u.any() else 0.0,
+            "seen_hit1_among_seen": float(np.mean(seen_only[~u].argmax(1) == truth[~u])) if (~u).any() else 0.0,
+        }
+    zs_vectors = {mode: zs.embed(features, mode, beta=beta) for mode in MODES}
+    block["concepts_p10"] = concept_benchmark(zs_vectors, truth_labels, vocabulary.rows, vocabulary.vectors,
+                                              expand=modes.expand,
+                                              only={c for c, rel in CONCEPTS.items() if set(rel) & set(extras.held_out)})
+    return block
+
+
+def _examples(default: np.ndarray, vocabulary: Vocabulary, expand: Expand | None, ids: list[str],
+              truth_labels: list[str]) -> dict:
+    """The example queries' top 5 photos in the default mode."""
+    examples = {}
     for text in EXAMPLES:
-        vector = _query(text, rows, word_vectors, modes.expand)
+        vector = _query(text, vocabulary.rows, vocabulary.vectors, expand)
         if vector is None:
             continue
         top = np.argsort(-(default @ vector))[:5]
-        out["examples"][text] = [{"id": ids[i], "label": truth_labels[i], "score": round(float(default[i] @ vector), 3)}
-                                 for i in top]
-    return out
+        examples[text] = [{"id": ids[i], "label": truth_labels[i], "score": round(float(default[i] @ vector), 3)}
+                          for i in top]
+    return examples
 
 
 def _query(text: str, rows: dict[str, int], word_vectors: np.ndarray, expand: Expand | None = None) -> np.ndarray | None:

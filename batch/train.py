@@ -170,12 +170,13 @@ def run(options: Options) -> Path:
                                       options.cache / "ray-train", held)
     if len(val_rows):
         zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, extras.held_out) if extras else val_rows
+        vocabulary = quality.Vocabulary(words.words, rows, words.vectors)
         modes, mode_params = quality.choose(
-            modes, features[val_rows], label_ids[val_rows], labels, words.words, rows, words.vectors, extras,
-            features[zs_rows], label_ids[zs_rows], open_set,
+            modes, labels, vocabulary, quality.Photos(features[val_rows], label_ids[val_rows]), extras,
+            quality.Photos(features[zs_rows], label_ids[zs_rows]), open_set,
             lambda enrichment: _class_vectors(enrichment, rows, words.vectors, names))
         quality_report = quality.report(modes, features[val_rows], [train_ok[i].label for i in val_rows], labels,
-                                        words.words, rows, words.vectors, extras, ids=[train_ok[i].id for i in val_rows])
+                                        vocabulary, extras, ids=[train_ok[i].id for i in val_rows])
     quality_seconds = time.perf_counter() - quality_started
     log.info("modes: default %s (chosen on validation) in %.1f s", modes.params.default, quality_seconds)
     image_vectors = modes.embed(np.stack([extraction.features[r.path] for r in index_ok]))
