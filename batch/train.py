@@ -20,13 +20,13 @@ import ray
 from batch import backbones, open_vocab, quality, word_vectors, wordnet
 from batch.class_table import Enrichment, class_table, expansions
 from batch.build_index import build_indexes
-from batch.extract import extract
+from batch.extract import Extraction, extract
 from batch.images import ImageRecord, labelled, list_images
 from batch.modes import build_modes
 from batch.publish import new_staging, publish
-from batch.train_head import HeadConfig, split, train_head
+from batch.train_head import HeadConfig, TrainedHead, split, train_head
 from services.common import artifact
-from services.encoder.modes import FILE as MODES_FILE, Familiarity, QueryExpansion
+from services.encoder.modes import FILE as MODES_FILE, Familiarity, Modes, QueryExpansion
 from services.index import live
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,88 @@ def _versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in names}
 
 
+@dataclass
+class Inputs:
+    """Stage 1: the images to train on and to make searchable (the live log folded in), and the labels."""
+
+    train: list[ImageRecord]
+    index: list[ImageRecord]
+    live_changes: dict[str, int]
+    labels: list[str]
+
+
+@dataclass
+class Space:
+    """Stage 2: the word vectors, the labels' target vectors and WordNet (ConSE's class vectors)."""
+
+    words: word_vectors.WordVectors
+    vocabulary: quality.Vocabulary
+    targets: np.ndarray
+    names: wordnet.WordNet
+
+
+@dataclass
+class Extracted:
+    """Stage 3: backbone features of the readable images."""
+
+    extraction: Extraction
+    requested: int  # distinct images asked for (training, searchable and open-vocabulary photos)
+    train: list[ImageRecord]  # the readable training images, in the rows of `features`
+    index: list[ImageRecord]  # the readable searchable images
+    features: np.ndarray
+    label_ids: np.ndarray
+    open_records: list[ImageRecord]
+
+
+@dataclass
+class Training:
+    """Stage 4: the trained head, its split, and its tag hit@1 over the whole vocabulary on validation."""
+
+    trained: TrainedHead
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    tag_hit1: float
+
+
+@dataclass
+class Chosen:
+    """Stage 5: the modes with parameters chosen on validation, the extra heads and the quality report."""
+
+    modes: Modes
+    params: dict
+    extras: quality.Extras | None
+    report: dict
+    seconds: float
+
+
 def run(options: Options) -> Path:
     """The whole job; returns the published artifact version directory."""
     started = time.perf_counter()
+    inputs = check_and_list(options)
+    space = load_space(options, inputs.labels)
+    onnx_path = backbone_onnx(options)
+    extracted = extract_features(options, inputs, onnx_path)
+    training = fit_head(options, extracted, space)
+    chosen = choose_modes(options, onnx_path, inputs.labels, extracted, training, space)
+    image_vectors = chosen.modes.embed(np.stack([extracted.extraction.features[r.path] for r in extracted.index]))
+    staging = new_staging(options.artifacts)
+    try:
+        indexes = write_files(staging, options, onnx_path, training, chosen, extracted, image_vectors, space.words)
+        report = write_report(staging, inputs, extracted, training, chosen, started)
+        version_dir = publish(staging, options.artifacts,
+                              manifest_of(options, inputs.labels, extracted, space.words, training, chosen, indexes))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(summary(version_dir, report), flush=True)
+    return version_dir
+
+
+def check_and_list(options: Options) -> Inputs:
+    """The options' checks and the image lists; ValueError for an unusable option or folder."""
     if options.shards < 1:
         raise ValueError(f"--shards must be at least 1; got {options.shards}")
-    spec = backbones.spec(options.backbone)
+    backbones.spec(options.backbone)
     train_records = limit(labelled(list_images(options.data)), options.limit_per_label)
     if not train_records:
         raise ValueError(f"{options.data}: no labelled images (expected one sub-folder per label)")
@@ -126,110 +202,153 @@ def run(options: Options) -> Path:
                      if options.index_data else train_records)
     index_records, live_changes = with_live_updates(index_records, options.artifacts)
     log.info("data: %d labelled images in %s; %d searchable images", len(train_records), options.data, len(index_records))
+    return Inputs(train_records, index_records, live_changes, sorted({r.label for r in train_records}))
 
+
+def load_space(options: Options, labels: list[str]) -> Space:
+    """ValueError naming the labels without a word vector."""
     names = wordnet.load(options.wordnet_path)  # ImageNet class hypernyms, for ConSE's class vectors
     words = word_vectors.load(options.word_vectors)
-    labels = sorted({r.label for r in train_records})
-    rows = words.index()
-    targets = quality.label_matrix(labels, rows, words.vectors, words.source)
+    vocabulary = quality.Vocabulary.of(words)
+    targets = quality.label_matrix(labels, vocabulary.rows, words.vectors, words.source)
     log.info("word vectors: %s, %d words x %d", words.source, len(words.words), words.dimension)
+    return Space(words, vocabulary, targets, names)
 
-    onnx_path = backbone_onnx(options)
+
+def extract_features(options: Options, inputs: Inputs, onnx_path: Path) -> Extracted:
+    """Features of the training, searchable and open-vocabulary images (Ray Data, cached); ValueError when
+    too few are readable."""
     with_open = options.open_data is not None and options.quality
     open_records = open_vocab.records(options.open_data, "validation") if with_open else []
-    all_records = list({r.path: r for r in train_records + index_records + open_records}.values())
+    all_records = list({r.path: r for r in inputs.train + inputs.index + open_records}.values())
     actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads_per_actor)
-    extraction = extract(all_records, options.backbone, onnx_path, spec.preprocessing, options.cache / "features",
-                         options.batch_size, actors, options.threads_per_actor)
-    train_ok = [r for r in train_records if r.path in extraction.features]
-    index_ok = [r for r in index_records if r.path in extraction.features]
+    extraction = extract(all_records, options.backbone, onnx_path, backbones.spec(options.backbone).preprocessing,
+                         options.cache / "features", options.batch_size, actors, options.threads_per_actor)
+    train_ok = [r for r in inputs.train if r.path in extraction.features]
+    index_ok = [r for r in inputs.index if r.path in extraction.features]
     if len({r.label for r in train_ok}) < 2:
         raise ValueError("need readable images of at least two labels to train the head")
     if not index_ok:
         raise ValueError(f"{options.index_data}: no readable images to make searchable")
-
     features = np.stack([extraction.features[r.path] for r in train_ok])
-    label_ids = np.asarray([labels.index(r.label) for r in train_ok])
-    train_rows, val_rows = split(label_ids, options.val_fraction, options.head.seed)
-    trained = train_head(features, label_ids, targets, train_rows, val_rows, options.head, options.cache / "ray-train")
+    label_ids = np.asarray([inputs.labels.index(r.label) for r in train_ok])
+    return Extracted(extraction, len(all_records), train_ok, index_ok, features, label_ids, open_records)
 
-    val_tag = tag_hit_at_1(trained.head(features[val_rows]), [train_ok[i].label for i in val_rows], words) \
-        if len(val_rows) else 0.0
-    quality_started = time.perf_counter()
-    familiarity = Familiarity.fit(features[train_rows], label_ids[train_rows],
-                                  features[val_rows] if len(val_rows) else features[train_rows])
-    table, expansion = _class_vectors(Enrichment(), rows, words.vectors, names)
-    modes = build_modes(onnx_path, table, trained.head, targets, familiarity, expansion)
-    open_set = open_vocab.open_set(open_records, extraction.features)
+
+def fit_head(options: Options, extracted: Extracted, space: Space) -> Training:
+    """The head (Ray Train) on the training split, and its tag hit@1 on the validation split."""
+    train_rows, val_rows = split(extracted.label_ids, options.val_fraction, options.head.seed)
+    trained = train_head(extracted.features, extracted.label_ids, space.targets, train_rows, val_rows, options.head,
+                         options.cache / "ray-train")
+    val_tag = tag_hit_at_1(trained.head(extracted.features[val_rows]), [extracted.train[i].label for i in val_rows],
+                           space.words) if len(val_rows) else 0.0
+    return Training(trained, train_rows, val_rows, val_tag)
+
+
+def encoder_modes(onnx_path: Path, extracted: Extracted, training: Training, space: Space) -> Modes:
+    """The four encoder modes with their default parameters: the ImageNet classifier, ConSE's class vectors,
+    the head and the familiarity of the training photos."""
+    train_rows, val_rows = training.train_rows, training.val_rows
+    familiarity = Familiarity.fit(extracted.features[train_rows], extracted.label_ids[train_rows],
+                                  extracted.features[val_rows] if len(val_rows) else extracted.features[train_rows])
+    table, expansion = _class_vectors(Enrichment(), space.vocabulary.rows, space.words.vectors, space.names)
+    return build_modes(onnx_path, table, training.trained.head, space.targets, familiarity, expansion)
+
+
+def open_set_of(extracted: Extracted, space: Space) -> open_vocab.OpenSet | None:
+    """The open-vocabulary validation photos, with the broad words of their categories."""
+    open_set = open_vocab.open_set(extracted.open_records, extracted.extraction.features)
     if open_set is not None:
-        open_set.broad = open_vocab.broad_words(open_set.synsets, sorted(set(open_set.truth.tolist())), names, rows)
+        open_set.broad = open_vocab.broad_words(open_set.synsets, sorted(set(open_set.truth.tolist())), space.names,
+                                                space.vocabulary.rows)
+    return open_set
+
+
+def choose_modes(options: Options, onnx_path: Path, labels: list[str], extracted: Extracted, training: Training,
+                 space: Space) -> Chosen:
+    """The extra heads, the mode parameters chosen on validation, and the quality report on it."""
+    started = time.perf_counter()
+    modes = encoder_modes(onnx_path, extracted, training, space)
+    open_set = open_set_of(extracted, space)
     extras, mode_params, quality_report = None, modes.params.to_dict(), {}
+    val_rows, x, y = training.val_rows, extracted.features, extracted.label_ids
     if options.quality and len(labels) >= 3 and len(val_rows):
         held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
-        extras = quality.train_extras(features, label_ids, labels, targets, train_rows, val_rows, options.head,
+        extras = quality.train_extras(x, y, labels, space.targets, training.train_rows, val_rows, options.head,
                                       options.cache / "ray-train", held)
     if len(val_rows):
-        zs_rows = quality.zero_shot_rows(label_ids, val_rows, labels, extras.held_out) if extras else val_rows
-        vocabulary = quality.Vocabulary(words.words, rows, words.vectors)
+        zs_rows = quality.zero_shot_rows(y, val_rows, labels, extras.held_out) if extras else val_rows
         modes, mode_params = quality.choose(
-            modes, labels, vocabulary, quality.Photos(features[val_rows], label_ids[val_rows]), extras,
-            quality.Photos(features[zs_rows], label_ids[zs_rows]), open_set,
-            lambda enrichment: _class_vectors(enrichment, rows, words.vectors, names))
-        quality_report = quality.report(modes, features[val_rows], [train_ok[i].label for i in val_rows], labels,
-                                        vocabulary, extras, ids=[train_ok[i].id for i in val_rows])
-    quality_seconds = time.perf_counter() - quality_started
-    log.info("modes: default %s (chosen on validation) in %.1f s", modes.params.default, quality_seconds)
-    image_vectors = modes.embed(np.stack([extraction.features[r.path] for r in index_ok]))
+            modes, labels, space.vocabulary, quality.Photos(x[val_rows], y[val_rows]), extras,
+            quality.Photos(x[zs_rows], y[zs_rows]), open_set,
+            lambda enrichment: _class_vectors(enrichment, space.vocabulary.rows, space.words.vectors, space.names))
+        quality_report = quality.report(modes, x[val_rows], [extracted.train[i].label for i in val_rows], labels,
+                                        space.vocabulary, extras, ids=[extracted.train[i].id for i in val_rows])
+    seconds = time.perf_counter() - started
+    log.info("modes: default %s (chosen on validation) in %.1f s", modes.params.default, seconds)
+    return Chosen(modes, mode_params, extras, quality_report, seconds)
 
-    staging = new_staging(options.artifacts)
-    try:
-        shutil.copyfile(onnx_path, staging / artifact.BACKBONE)
-        trained.head.save(staging / artifact.HEAD)
-        modes.save(staging / MODES_FILE)
-        if extras is not None:
-            (staging / quality.BASELINES).mkdir()
-            extras.softmax.save(staging / quality.BASELINES / quality.SOFTMAX_HEAD)
-            extras.zero_shot.save(staging / quality.BASELINES / quality.ZERO_SHOT_HEAD)
-        if quality_report:
-            (staging / quality.REPORT_MD).write_text(quality.markdown(quality_report))
-        indexes = build_indexes(staging, image_vectors, index_ok, words, options.shards)
-        unreadable = extraction.unreadable
-        (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
-        report = {
-            "images": {"labelled": len(train_records), "searchable": len(index_records),
-                       "trained_on": len(train_rows), "validation": len(val_rows),
-                       "unreadable": len(unreadable), "extracted_now": extraction.extracted,
-                       "from_cache": len(all_records) - extraction.extracted - len(unreadable),
-                       "extracted_by_node": extraction.by_node, "live_updates": live_changes},
-            "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": val_tag,
-                           "best_epoch": trained.best_epoch},
-            "quality": quality_report,
-            "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
-                        "quality": round(quality_seconds, 1),
-                        "total": round(time.perf_counter() - started, 1)},
-        }
-        (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
-        manifest = artifact.Manifest(
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            versions=_versions(),
-            backbone=artifact.Backbone(options.backbone, options.backbone_weights or "packaged",
-                                       int(features.shape[1]), spec.preprocessing.to_dict()),
-            word_vectors=artifact.WordSpace(words.source, words.dimension, len(words.words)),
-            dimension=words.dimension,
-            labels=labels,
-            head=artifact.HeadInfo(dict(options.head.__dict__), trained.val_hit1),
-            modes=mode_params,
-            quality=artifact.QualityInfo(extras.held_out if extras else [], options.head.seed, options.val_fraction),
-            data=artifact.DataInfo(str(options.data), str(options.index_data or options.data),
-                                   str(options.open_data) if options.open_data else None),
-            indexes=indexes,
-        )
-        version_dir = publish(staging, options.artifacts, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    print(summary(version_dir, report), flush=True)
-    return version_dir
+
+def write_files(staging: Path, options: Options, onnx_path: Path, training: Training, chosen: Chosen,
+                extracted: Extracted, image_vectors: np.ndarray, words: word_vectors.WordVectors
+                ) -> dict[str, artifact.IndexInfo]:
+    """The artifact's files but the report and the manifest; returns the indexes' descriptions."""
+    shutil.copyfile(onnx_path, staging / artifact.BACKBONE)
+    training.trained.head.save(staging / artifact.HEAD)
+    chosen.modes.save(staging / MODES_FILE)
+    if chosen.extras is not None:
+        (staging / quality.BASELINES).mkdir()
+        chosen.extras.softmax.save(staging / quality.BASELINES / quality.SOFTMAX_HEAD)
+        chosen.extras.zero_shot.save(staging / quality.BASELINES / quality.ZERO_SHOT_HEAD)
+    if chosen.report:
+        (staging / quality.REPORT_MD).write_text(quality.markdown(chosen.report))
+    indexes = build_indexes(staging, image_vectors, extracted.index, words, options.shards)
+    unreadable = extracted.extraction.unreadable
+    (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
+    return indexes
+
+
+def write_report(staging: Path, inputs: Inputs, extracted: Extracted, training: Training, chosen: Chosen,
+                 started: float) -> dict:
+    """report.json: counts, the head's validation figures, the quality report and the stages' seconds."""
+    extraction, trained = extracted.extraction, training.trained
+    report = {
+        "images": {"labelled": len(inputs.train), "searchable": len(inputs.index),
+                   "trained_on": len(training.train_rows), "validation": len(training.val_rows),
+                   "unreadable": len(extraction.unreadable), "extracted_now": extraction.extracted,
+                   "from_cache": extracted.requested - extraction.extracted - len(extraction.unreadable),
+                   "extracted_by_node": extraction.by_node, "live_updates": inputs.live_changes},
+        "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": training.tag_hit1,
+                       "best_epoch": trained.best_epoch},
+        "quality": chosen.report,
+        "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
+                    "quality": round(chosen.seconds, 1),
+                    "total": round(time.perf_counter() - started, 1)},
+    }
+    (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def manifest_of(options: Options, labels: list[str], extracted: Extracted, words: word_vectors.WordVectors,
+                training: Training, chosen: Chosen, indexes: dict[str, artifact.IndexInfo]) -> artifact.Manifest:
+    """The manifest but its version and checksums (publish adds them)."""
+    return artifact.Manifest(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        versions=_versions(),
+        backbone=artifact.Backbone(options.backbone, options.backbone_weights or "packaged",
+                                   int(extracted.features.shape[1]),
+                                   backbones.spec(options.backbone).preprocessing.to_dict()),
+        word_vectors=artifact.WordSpace(words.source, words.dimension, len(words.words)),
+        dimension=words.dimension,
+        labels=labels,
+        head=artifact.HeadInfo(dict(options.head.__dict__), training.trained.val_hit1),
+        modes=chosen.params,
+        quality=artifact.QualityInfo(chosen.extras.held_out if chosen.extras else [], options.head.seed,
+                                     options.val_fraction),
+        data=artifact.DataInfo(str(options.data), str(options.index_data or options.data),
+                               str(options.open_data) if options.open_data else None),
+        indexes=indexes,
+    )
 
 
 def summary(version_dir: Path, report: dict) -> str:
