@@ -1,4 +1,9 @@
-"""batch-train: image folder -> features (Ray Data) -> head (Ray Train) -> indexes -> published artifact."""
+"""batch-train: image folder -> features (Ray Data) -> head (Ray Train) -> indexes -> published artifact.
+
+`run` is its stages, each a function with a typed result: check_and_list (Inputs), load_space (Space),
+extract_features (Extracted), fit_head (Training), choose_modes (Chosen), then write_files, write_report
+and manifest_of into a staging folder that `publish` makes the current version.
+"""
 
 from __future__ import annotations
 
@@ -206,7 +211,7 @@ def check_and_list(options: Options) -> Inputs:
 
 
 def load_space(options: Options, labels: list[str]) -> Space:
-    """ValueError naming the labels without a word vector."""
+    """WordNet, the word vectors and the labels' target vectors; ValueError naming the labels without one."""
     names = wordnet.load(options.wordnet_path)  # ImageNet class hypernyms, for ConSE's class vectors
     words = word_vectors.load(options.word_vectors)
     vocabulary = quality.Vocabulary.of(words)
