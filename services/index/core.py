@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,8 @@ BRUTE_FORCE_BELOW = 20_000
 EXCLUDE_SLACK = 16  # extra neighbours fetched when some ids are excluded or filtered out
 EXACT_ROWS = 4096  # a filter that keeps at most this many rows (or EXACT_SHARE of them) is searched exactly
 EXACT_SHARE = 0.05
+FILTERED_DEPTH = 2  # a filtered search fetches this many times deeper, and searches this many times more leaves
+FILTERS_KEPT = 64  # the matching rows of this many recent filters are kept
 
 
 class InvalidQuery(ValueError):
@@ -119,6 +122,8 @@ class VectorIndex:
         self.config = config
         self.searcher = searcher
         self._rows = {item.id: row for row, item in enumerate(items)}
+        self._filters: dict[tuple[frozenset[str], str], np.ndarray] = {}
+        self._filters_lock = threading.Lock()
 
     @classmethod
     def build(cls, name: str, vectors: np.ndarray, items: list[Item], config: ScannConfig | None = None) -> "VectorIndex":
@@ -165,15 +170,16 @@ class VectorIndex:
         size = len(self.items)
         if not size:
             return []
-        matching = selection.matching_rows(self._labels, self._ids) if selection.filters else None
+        matching = self.matching_rows(selection) if selection.filters else None
         if matching is not None and len(matching) <= max(EXACT_ROWS, EXACT_SHARE * size):
             return self._exact(query, matching, k, min_score, exclude, selection)
-        wanted = min(k, size)
+        wanted, depth = min(k, size), 1
         if exclude or selection != EVERYTHING:  # expect left-out items in the top at their rate (at most 90%)
             kept = (len(matching) / size if matching is not None else 1.0) * (1 - min(len(exclude) / size, 0.9))
-            wanted = min(math.ceil((selection.skipped + k + EXCLUDE_SLACK) / kept), size)
+            depth = FILTERED_DEPTH if selection.filters else 1
+            wanted = min(math.ceil(depth * (selection.skipped + k + EXCLUDE_SLACK) / kept), size)
         while wanted > 0:
-            rows, scores = self._nearest(query, wanted)
+            rows, scores = self._nearest(query, wanted, depth)
             hits, below = [], False
             for row, score in zip(rows.tolist(), scores.tolist()):  # best first
                 if min_score is not None and score < min_score:
@@ -202,20 +208,42 @@ class VectorIndex:
         return merge([[Hit(self.items[row], score) for row, score in zip(rows[best].tolist(), scores[best].tolist())
                        if self.items[row].id not in exclude]], k)
 
+    def matching_rows(self, selection: Selection) -> np.ndarray:
+        """The rows a filter keeps (its label and folder; the cursor needs scores), remembered for a while."""
+        key = (selection.labels, selection.folder)
+        found = self._filters.get(key)
+        if found is None:
+            codes, column = self._label_codes
+            keep = np.ones(len(self.items), bool)
+            if selection.labels:
+                keep &= np.isin(column, [codes[label] for label in selection.labels if label in codes])
+            if selection.folder:
+                keep &= np.char.startswith(self._ids, selection.folder.encode())
+            found = np.flatnonzero(keep)
+            with self._filters_lock:
+                if len(self._filters) >= FILTERS_KEPT:
+                    self._filters.pop(next(iter(self._filters)))
+                self._filters[key] = found
+        return found
+
     @cached_property
-    def _labels(self) -> np.ndarray:
-        return np.asarray([item.label or "" for item in self.items], dtype=object)
+    def _label_codes(self) -> tuple[dict[str, int], np.ndarray]:
+        """A number per distinct label, and each row's: filters compare numbers, not strings."""
+        codes: dict[str | None, int] = {}
+        column = np.fromiter((codes.setdefault(item.label, len(codes)) for item in self.items), np.int32, len(self.items))
+        return codes, column
 
     @cached_property
     def _ids(self) -> np.ndarray:
         """Ids as UTF-8 bytes, for filtering by folder prefix without a Python loop."""
         return np.asarray([item.id.encode() for item in self.items], dtype=bytes)
 
-    def _nearest(self, query: np.ndarray, wanted: int):
+    def _nearest(self, query: np.ndarray, wanted: int, depth: int = 1):
         if self.config.method == "brute_force":
             return self.searcher.search(query, final_num_neighbors=wanted)
-        return self.searcher.search(
-            query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted))
+        return self.searcher.search(query, final_num_neighbors=wanted,
+                                    pre_reorder_num_neighbors=max(self.config.reorder, wanted),
+                                    leaves_to_search=min(depth * self.config.leaves_to_search, self.config.num_leaves))
 
     def save(self, directory: Path) -> None:
         (directory / "scann").mkdir(parents=True, exist_ok=True)

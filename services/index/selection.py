@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import math
 
-import numpy as np
-
 from services.common import bounds
 from services.common.items import Item
 
@@ -52,15 +50,6 @@ class Selection:
     def keeps(self, item: Item, score: float) -> bool:
         return (not self.labels or item.label in self.labels) and item.id.startswith(self.folder) and \
             (self.after is None or self.after.passes(score, item.id))
-
-    def matching_rows(self, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Rows whose label and id pass the filter (not the cursor, which needs scores); `ids` as UTF-8 bytes."""
-        keep = np.ones(len(ids), bool)
-        if self.labels:
-            keep &= np.isin(labels, list(self.labels))
-        if self.folder:
-            keep &= np.char.startswith(ids, self.folder.encode())
-        return np.flatnonzero(keep)
 
 
 EVERYTHING = Selection()
