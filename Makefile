@@ -29,7 +29,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train serve stop demo eval capacity bench bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train serve stop demo eval capacity bench bench-filters bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -131,6 +131,10 @@ capacity: setup
 bench: setup $(ARTIFACTS)/current
 	$(VENV)/bin/pip install -q -e '.[batch,test,bench]'
 	$(PY) -m bench.run --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/bench.json
+
+# Filtered search inside the index: recall@10 against exact search over the matching rows, and ms/query.
+bench-filters: setup
+	$(PY) -m bench.filters
 
 # Accuracy against cost per backbone and word-vector set: 4 configurations x 3 head seeds, real batch jobs + eval
 # (about 30 minutes on 2 cores). The findings live in bench/models.md, which bench.report appends to BENCHMARKS.md.

@@ -85,6 +85,17 @@ def test_three_shards_answer_exactly_as_one(services, sharded_gateway):
             assert whole.image(image_id) == sharded.image(image_id)
 
 
+def test_filters_and_pages_over_three_shards_answer_as_one(services, sharded_gateway):
+    with Client(services.gateway) as whole, Client(sharded_gateway[0]) as sharded:
+        for labels, folder in (((), ""), (("cat", "dog"), ""), ((), "ship")):
+            pages, token = [], ""
+            for _ in range(3):
+                page = sharded.search("animal", k=10, labels=list(labels), folder=folder, page_token=token)
+                pages += [h.id for h in page]
+                token = page.next_page_token
+            assert pages == [h.id for h in whole.search("animal", k=30, labels=list(labels), folder=folder)]
+
+
 def test_a_shard_that_is_down_fails_the_query_by_name(sharded_gateway):
     _, shard_addresses, encoder_address, words_address = sharded_gateway
     down = [shard_addresses[0], "127.0.0.1:1", shard_addresses[2]]  # nothing listens on port 1

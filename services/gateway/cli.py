@@ -13,13 +13,34 @@ import grpc
 
 from services.common import security
 from services.gateway import gallery
-from services.gateway.client import DEFAULT_ADDRESS, Client, ImageHit, WordHit
+from services.gateway.client import DEFAULT_ADDRESS, Client, ImageHit, Page, WordHit
 
 
 def image_json(query: str, hits: list[ImageHit]) -> dict:
-    """The `--json` document of search and similar (also the web API's)."""
-    return {"query": query, "results": [
+    """The `--json` document of search and similar (also the web API's); with the next page's token
+    when there is one."""
+    document = {"query": query, "results": [
         {"id": h.id, "path": h.path, "label": h.label, "score": round(h.score, 6)} for h in hits]}
+    if getattr(hits, "next_page_token", ""):
+        document["next_page_token"] = hits.next_page_token
+    return document
+
+
+def _page_number(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"pages are numbered from 1; got {number}")
+    return number
+
+
+def _nth_page(fetch: Callable[[str], Page], number: int) -> Page:
+    """Page `number` (from 1) of a search, `fetch(page_token)` giving each page; empty past the last."""
+    token = ""
+    for _ in range(number - 1):
+        token = fetch(token).next_page_token
+        if not token:
+            return Page()
+    return fetch(token)
 
 
 def word_json(key: str, hits: list[WordHit]) -> dict:
@@ -70,10 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = command("search", "images for text: dog, 'cat sofa', cat+sofa-dog, 'cat:2 sofa'", 10)
     search.add_argument("query")
-    search.add_argument("--min-score", type=float)
     similar = command("similar", "images similar to an image file", 10)
     similar.add_argument("image")
-    similar.add_argument("--min-score", type=float)
+    for sub in (search, similar):
+        sub.add_argument("--min-score", type=float)
+        sub.add_argument("--label", action="append", default=[], dest="labels",
+                         help="only images with this label (repeat for any of several)")
+        sub.add_argument("--folder", default="", help="only images whose id is under this folder (2024/)")
+        sub.add_argument("--page", type=_page_number, default=1, help="which page of k results (default 1)")
     tag = command("tag", "the nearest words of the whole vocabulary for an image file", 5)
     tag.add_argument("image")
     tag.add_argument("--mode", default="", choices=["", "devise", "conse", "hybrid", "gated"],
@@ -95,10 +120,13 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, Callable[[
 
     The page reads and encodes every hit's image, so it is made only when `--html` asks for it."""
     if args.command == "search":
-        hits = client.search(args.query, k=args.k, min_score=args.min_score)
+        hits = _nth_page(lambda token: client.search(args.query, k=args.k, min_score=args.min_score, labels=args.labels,
+                                                     folder=args.folder, page_token=token), args.page)
         return image_json(args.query, hits), _image_table(hits), lambda: gallery.render(f"search: {args.query}", hits)
     if args.command == "similar":
-        hits = client.similar(_read_image(args.image), k=args.k, min_score=args.min_score)
+        image = _read_image(args.image)
+        hits = _nth_page(lambda token: client.similar(image, k=args.k, min_score=args.min_score, labels=args.labels,
+                                                      folder=args.folder, page_token=token), args.page)
         return image_json(args.image, hits), _image_table(hits), \
             lambda: gallery.render(f"similar to {args.image}", hits, query_image=args.image)
     if args.command == "tag":

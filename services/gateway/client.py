@@ -26,8 +26,16 @@ class WordHit:
     score: float
 
 
-def _image_hits(response: gateway_pb2.ImageResults) -> list[ImageHit]:
-    return [ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score) for r in response.results]
+class Page(list):
+    """Image hits, best first, and the token of the page after them ("" after the last page)."""
+
+    next_page_token: str = ""
+
+
+def _image_hits(response: gateway_pb2.ImageResults) -> Page:
+    page = Page(ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score) for r in response.results)
+    page.next_page_token = response.next_page_token
+    return page
 
 
 def _word_hits(response: gateway_pb2.WordResults) -> list[WordHit]:
@@ -51,17 +59,23 @@ class Client:
         self.stub = gateway_pb2_grpc.GatewayStub(security.with_token(self.channel, token))
 
     def search(self, text: str | None = None, *, image: bytes | None = None, k: int = 10,
-               min_score: float | None = None) -> list[ImageHit]:
+               min_score: float | None = None, labels: list[str] = (), folder: str = "",
+               page_token: str = "") -> Page:
+        """Images for text or an image; only `labels` (any of them) under `folder` when given;
+        `page_token`: the previous page's `next_page_token`, for the results after it."""
         if (text is None) == (image is None):
             raise ValueError("search takes text or image bytes, not both")
-        request = gateway_pb2.SearchRequest(text=text, image=image, k=k, min_score=min_score)
+        request = gateway_pb2.SearchRequest(text=text, image=image, k=k, min_score=min_score, labels=labels,
+                                            folder=folder, page_token=page_token)
         return _image_hits(self.stub.Search(request, timeout=self.timeout))
 
     def similar(self, image: bytes | None = None, *, id: str | None = None, k: int = 10,
-                min_score: float | None = None) -> list[ImageHit]:
+                min_score: float | None = None, labels: list[str] = (), folder: str = "",
+                page_token: str = "") -> Page:
         if (id is None) == (image is None):
             raise ValueError("similar takes image bytes or an image id, not both")
-        request = gateway_pb2.SimilarImagesRequest(image=image, id=id, k=k, min_score=min_score)
+        request = gateway_pb2.SimilarImagesRequest(image=image, id=id, k=k, min_score=min_score, labels=labels,
+                                                   folder=folder, page_token=page_token)
         return _image_hits(self.stub.SimilarImages(request, timeout=self.timeout))
 
     def tag(self, image: bytes, k: int = 5, mode: str = "") -> list[WordHit]:

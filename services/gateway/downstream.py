@@ -140,7 +140,7 @@ class Downstream:
                     other.cancel()
                 self._fail(error, self._shard_name(number), context)
         best = merge([a.neighbors for a in answers], request.k, lambda neighbor: (neighbor.score, neighbor.id))
-        return index_pb2.IndexSearchResponse(neighbors=best, artifact_version=request.artifact_version)
+        return index_pb2.IndexSearchResponse(neighbors=best, artifact_version=answers[0].artifact_version)
 
     def _shard_name(self, number: int) -> str:
         return f"image shard {number} of {len(self.shards)}"

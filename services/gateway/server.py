@@ -20,6 +20,7 @@ from services.common.limits import Limits
 from services.common import server as common
 from services.common.ids import image_id
 from services.gateway.downstream import Downstream, VersionMismatch
+from services.gateway.paging import BadPageToken, Scope
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,13 @@ def _min_score(request, context) -> float | None:
     return value
 
 
+def _scope(request, context) -> Scope:
+    try:
+        return Scope.of(request)
+    except BadPageToken as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
 def _image_results(response: index_pb2.IndexSearchResponse) -> gateway_pb2.ImageResults:
     return gateway_pb2.ImageResults(results=[
         gateway_pb2.ImageResult(id=n.id, path=n.path, label=n.label if n.HasField("label") else None, score=n.score)
@@ -65,6 +73,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def Search(self, request, context):
         _check_k(request.k, context)
         min_score = _min_score(request, context)
+        scope = _scope(request, context)
         which = request.WhichOneof("query")
         if which == "text":
             def attempt(version: str):
@@ -72,27 +81,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                encoder_pb2.EncodeTextRequest(text=request.text, artifact_version=version),
                                                context)
                 return self._search("images", context, request.k, min_score, encoded.vector.values,
-                                    encoded.artifact_version)
+                                    encoded.artifact_version, scope)
         elif which == "image":
             def attempt(version: str):
-                return self._search_by_image("images", request.image, version, context, request.k, min_score)
+                return self._search_by_image("images", request.image, version, context, request.k, min_score,
+                                             scope=scope)
         else:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Search needs a query: text or image bytes")
-        return _image_results(self._on_one_version(attempt, context))
+        return self._images_page(attempt, scope, request.k, context)
 
     def SimilarImages(self, request, context):
         _check_k(request.k, context)
         min_score = _min_score(request, context)
+        scope = _scope(request, context)
         which = request.WhichOneof("query")
         if which == "image":
             def attempt(version: str):
-                return self._search_by_image("images", request.image, version, context, request.k, min_score)
+                return self._search_by_image("images", request.image, version, context, request.k, min_score,
+                                             scope=scope)
         elif which == "id":
             def attempt(version: str):
-                return self._similar_to_id(request.id, version, context, request.k, min_score)
+                return self._similar_to_id(request.id, version, context, request.k, min_score, scope)
         else:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SimilarImages needs image bytes or an image id")
-        return _image_results(self._on_one_version(attempt, context))
+        return self._images_page(attempt, scope, request.k, context)
+
+    def _images_page(self, attempt, scope: Scope, k: int, context) -> gateway_pb2.ImageResults:
+        """A first page from whatever version encoder and index agree on; a next page from its token's."""
+        if scope.page is None:
+            response = self._on_one_version(attempt, context)
+        else:
+            try:
+                response = attempt(scope.version)
+            except VersionMismatch:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"page_token is for artifact version {scope.version}, which is no longer served; "
+                              "search again for the first page")
+        results = _image_results(response)
+        results.next_page_token = scope.next_token(response, k)
+        return results
 
     def Tag(self, request, context):
         _check_k(request.k, context)
@@ -174,15 +201,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder and the index are switching artifact versions; retry")
 
     def _search_by_image(self, index: str, image: bytes, version: str, context, k: int, min_score: float | None,
-                         mode: str = ""):
+                         mode: str = "", scope: Scope = Scope()):
         encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImage,
                                        encoder_pb2.EncodeImageRequest(image=image, artifact_version=version, mode=mode),
                                        context)
-        return self._search(index, context, k, min_score, encoded.values, encoded.artifact_version)
+        return self._search(index, context, k, min_score, encoded.values, encoded.artifact_version, scope)
 
-    def _similar_to_id(self, image_id: str, version: str, context, k: int, min_score: float | None):
-        request = index_pb2.IndexSearchRequest(index="images", k=k, min_score=min_score, exclude_ids=[image_id],
-                                               artifact_version=version)
+    def _similar_to_id(self, image_id: str, version: str, context, k: int, min_score: float | None, scope: Scope):
+        request = scope.apply(index_pb2.IndexSearchRequest(index="images", k=k, min_score=min_score,
+                                                           exclude_ids=[image_id], artifact_version=version))
         if not self.downstream.shards:
             request.id = image_id
             return self.downstream.call("index", self.downstream.index.Search, request, context)
@@ -192,11 +219,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request.artifact_version = stored.artifact_version
         return self.downstream.search_images(request, context)
 
-    def _search(self, index: str, context, k: int, min_score: float | None, vector, version: str):
+    def _search(self, index: str, context, k: int, min_score: float | None, vector, version: str,
+                scope: Scope = Scope()):
         request = index_pb2.IndexSearchRequest(index=index, k=k, min_score=min_score, artifact_version=version,
                                                vector=index_pb2.FloatVector(values=vector))
         if index == "images":
-            return self.downstream.search_images(request, context)
+            return self.downstream.search_images(scope.apply(request), context)
         return self.downstream.call("index", self.downstream.index.Search, request, context)
 
 

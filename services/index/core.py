@@ -6,8 +6,10 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Collection
 
@@ -19,11 +21,16 @@ from services.common import shards as sharding
 from services.common.errors import quoted
 from services.common.items import Item, read_items, write_items
 from services.common.shards import SHARD_DIR, shard_of
+from services.index.selection import EVERYTHING, Selection
 
 log = logging.getLogger(__name__)
 
 BRUTE_FORCE_BELOW = 20_000
-EXCLUDE_SLACK = 16  # extra neighbours fetched when some ids are excluded
+EXCLUDE_SLACK = 16  # extra neighbours fetched when some ids are excluded or filtered out
+EXACT_ROWS = 4096  # a filter that keeps at most this many rows (or EXACT_SHARE of them) is searched exactly
+EXACT_SHARE = 0.05
+FILTERED_DEPTH = 2  # a filtered search fetches this many times deeper, and searches this many times more leaves
+FILTERS_KEPT = 64  # the matching rows of this many recent filters are kept
 
 
 class InvalidQuery(ValueError):
@@ -115,6 +122,8 @@ class VectorIndex:
         self.config = config
         self.searcher = searcher
         self._rows = {item.id: row for row, item in enumerate(items)}
+        self._filters: dict[tuple[frozenset[str], str], np.ndarray] = {}
+        self._filters_lock = threading.Lock()
 
     @classmethod
     def build(cls, name: str, vectors: np.ndarray, items: list[Item], config: ScannConfig | None = None) -> "VectorIndex":
@@ -144,42 +153,97 @@ class VectorIndex:
             raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r}")
         return row
 
-    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
-        """Top k by cosine similarity, best first; `exclude` ids are left out.
+    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = (),
+               selection: Selection = EVERYTHING) -> list[Hit]:
+        """Top k by cosine similarity, best first (ties by id, descending); `exclude` ids are left out,
+        and so is every item that `selection` does not keep (a filter, or the rows of earlier pages).
 
-        Excluded ids cost what they take from the top, not what they number: the search fetches
-        somewhat more than k (as many more as excluded ids are expected among them) and fetches
-        again, 4x deeper, only while excluded hits leave it short.
+        What is left out costs what it takes from the top, not what it numbers: the search fetches more
+        than k (as many more as are expected to be left out, at the rate they are in the index) and
+        fetches again, 4x deeper, only while they leave it short. A filter that keeps few rows (at most
+        EXACT_ROWS or EXACT_SHARE of the index) is searched exactly over those rows instead, so k
+        results come back whenever k items match.
         """
         check_k(k)
         check_min_score(min_score)
         query = unit_query(query, self.dimension)
-        wanted = min(k, len(self.items))
-        if exclude:  # expect excluded ids in the top at the rate they are in the index (at most 90%)
-            share = min(len(exclude) / len(self.items), 0.9) if self.items else 0.0
-            wanted = min(math.ceil((k + EXCLUDE_SLACK) / (1 - share)), len(self.items))
+        size = len(self.items)
+        if not size:
+            return []
+        matching = self.matching_rows(selection) if selection.filters else None
+        if matching is not None and len(matching) <= max(EXACT_ROWS, EXACT_SHARE * size):
+            return self._exact(query, matching, k, min_score, exclude, selection)
+        wanted, depth = min(k, size), 1
+        if exclude or selection != EVERYTHING:  # expect left-out items in the top at their rate (at most 90%)
+            kept = (len(matching) / size if matching is not None else 1.0) * (1 - min(len(exclude) / size, 0.9))
+            depth = FILTERED_DEPTH if selection.filters else 1
+            wanted = min(math.ceil(depth * (selection.skipped + k + EXCLUDE_SLACK) / kept), size)
         while wanted > 0:
-            rows, scores = self._nearest(query, wanted)
+            rows, scores = self._nearest(query, wanted, depth)
             hits, below = [], False
             for row, score in zip(rows.tolist(), scores.tolist()):  # best first
                 if min_score is not None and score < min_score:
                     below = True
                     break
                 item = self.items[row]
-                if item.id not in exclude:
+                if item.id not in exclude and selection.keeps(item, score):
                     hits.append(Hit(item, score))
-                    if len(hits) == k:
+                    if len(hits) == k and selection == EVERYTHING:
                         break
-            if len(hits) == k or below or wanted >= len(self.items) or len(rows) < wanted:
+            hits = merge([hits], k)
+            if len(hits) == k or below or wanted >= size or len(rows) < wanted:
                 return hits
-            wanted = min(4 * wanted, len(self.items))
+            wanted = min(4 * wanted, size)
         return []
 
-    def _nearest(self, query: np.ndarray, wanted: int):
+    def _exact(self, query: np.ndarray, rows: np.ndarray, k: int, min_score: float | None,
+               exclude: Collection[str], selection: Selection) -> list[Hit]:
+        scores = self.vectors[rows] @ query
+        keep = np.ones(len(rows), bool) if min_score is None else scores >= min_score
+        if selection.after is not None:
+            after = selection.after
+            keep &= (scores < after.score) | ((scores == after.score) & (self._ids[rows] < after.id.encode()))
+        rows, scores = rows[keep], scores[keep]
+        best = np.argsort(-scores, kind="stable")[:k + len(exclude)]
+        return merge([[Hit(self.items[row], score) for row, score in zip(rows[best].tolist(), scores[best].tolist())
+                       if self.items[row].id not in exclude]], k)
+
+    def matching_rows(self, selection: Selection) -> np.ndarray:
+        """The rows a filter keeps (its label and folder; the cursor needs scores), remembered for a while."""
+        key = (selection.labels, selection.folder)
+        found = self._filters.get(key)
+        if found is None:
+            codes, column = self._label_codes
+            keep = np.ones(len(self.items), bool)
+            if selection.labels:
+                keep &= np.isin(column, [codes[label] for label in selection.labels if label in codes])
+            if selection.folder:
+                keep &= np.char.startswith(self._ids, selection.folder.encode())
+            found = np.flatnonzero(keep)
+            with self._filters_lock:
+                if len(self._filters) >= FILTERS_KEPT:
+                    self._filters.pop(next(iter(self._filters)))
+                self._filters[key] = found
+        return found
+
+    @cached_property
+    def _label_codes(self) -> tuple[dict[str, int], np.ndarray]:
+        """A number per distinct label, and each row's: filters compare numbers, not strings."""
+        codes: dict[str | None, int] = {}
+        column = np.fromiter((codes.setdefault(item.label, len(codes)) for item in self.items), np.int32, len(self.items))
+        return codes, column
+
+    @cached_property
+    def _ids(self) -> np.ndarray:
+        """Ids as UTF-8 bytes, for filtering by folder prefix without a Python loop."""
+        return np.asarray([item.id.encode() for item in self.items], dtype=bytes)
+
+    def _nearest(self, query: np.ndarray, wanted: int, depth: int = 1):
         if self.config.method == "brute_force":
             return self.searcher.search(query, final_num_neighbors=wanted)
-        return self.searcher.search(
-            query, final_num_neighbors=wanted, pre_reorder_num_neighbors=max(self.config.reorder, wanted))
+        return self.searcher.search(query, final_num_neighbors=wanted,
+                                    pre_reorder_num_neighbors=max(self.config.reorder, wanted),
+                                    leaves_to_search=min(depth * self.config.leaves_to_search, self.config.num_leaves))
 
     def save(self, directory: Path) -> None:
         (directory / "scann").mkdir(parents=True, exist_ok=True)
@@ -249,8 +313,9 @@ class ShardedIndex:
     def item_of(self, item_id: str) -> Item:
         return self.shards[shard_of(item_id, len(self.shards))].item_of(item_id)
 
-    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
-        return merge([shard.search(query, k, min_score, exclude) for shard in self.shards], k)
+    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = (),
+               selection: Selection = EVERYTHING) -> list[Hit]:
+        return merge([shard.search(query, k, min_score, exclude, selection) for shard in self.shards], k)
 
 
 def _shard_dirs(directory: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from services.common.ids import image_id, is_image_id
 from services.common.items import Item
 from services.common.shards import shard_of
 from services.index.core import Hit, InvalidQuery, UnknownId, check_k, check_min_score, merge, unit_query
+from services.index.selection import EVERYTHING, Selection
 from services.index.live_log import (  # noqa: F401  (re-exported: the log's names are part of this module's API)
     IMAGES_DIR, LIVE_DIR, LOCK_NAME, LOG_NAME, Entry, LiveLog, image_file, live_dir, membership,
 )
@@ -184,18 +185,20 @@ class LiveImages:
             raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r} (it was deleted)")
         return delta.rows.get(item_id)
 
-    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = ()) -> list[Hit]:
+    def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = (),
+               selection: Selection = EVERYTHING) -> list[Hit]:
         check_k(k)
         check_min_score(min_score)
         delta = self._delta
         hidden = _Either(delta.deleted, exclude) if exclude else delta.deleted  # no per-query copy of the deletes
-        base_hits = self.base.search(query, k, min_score, hidden)
+        base_hits = self.base.search(query, k, min_score, hidden, selection)
         if not delta.items:
             return base_hits
-        scores = delta.vectors @ unit_query(query, self.dimension)
-        delta_hits = [Hit(delta.items[row], float(scores[row])) for row in np.argsort(-scores)
-                      if delta.items[row].id not in hidden and (min_score is None or scores[row] >= min_score)]
-        return merge([base_hits, delta_hits[:k]], k)
+        scores = (delta.vectors @ unit_query(query, self.dimension)).tolist()
+        delta_hits = [Hit(item, score) for item, score in zip(delta.items, scores)
+                      if item.id not in hidden and (min_score is None or score >= min_score)
+                      and selection.keeps(item, score)]
+        return merge([base_hits, delta_hits], k)
 
 
 class _Either:

@@ -21,6 +21,7 @@ from services.common.limits import Limits
 from services.common import server as common
 from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
 from services.index.live import LiveImages
+from services.index.selection import Cursor, Selection, folder_prefix, selection_problem
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ def load_index_set(directory: Path, names: list[str] | None = None, shard: int |
         indexes.indexes[LIVE_INDEX] = LiveImages(indexes.indexes[LIVE_INDEX], directory.parent, manifest.space,
                                                  indexes.shards.get(LIVE_INDEX))
     return indexes
+
+
+def _selection(request: index_pb2.IndexSearchRequest) -> Selection:
+    after = Cursor(request.after.score, request.after.id, request.after.skipped) if request.HasField("after") else None
+    problem = selection_problem(list(request.labels), request.folder, after)
+    if problem:
+        raise InvalidQuery(problem)
+    return Selection(frozenset(request.labels), folder_prefix(request.folder), after)
 
 
 def _abort_unwritable(error: OSError, context) -> None:
@@ -65,7 +74,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                 query = index.vector_of(request.id)
             else:
                 raise InvalidQuery("the request needs a query: a vector or an id")
-            hits = index.search(query, request.k, min_score, exclude=set(request.exclude_ids))
+            hits = index.search(query, request.k, min_score, exclude=set(request.exclude_ids),
+                                selection=_selection(request))
         except InvalidQuery as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except (UnknownIndex, UnknownId) as error:

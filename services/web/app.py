@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 TOKEN_COOKIE = "semsearch_token"
+LABEL = "only images with this label (repeat for any of several)"
+FOLDER = "only images whose id is under this folder (2024/)"
+PAGE = "the previous answer's next_page_token, for the results after it"
 STATIC = Path(__file__).parent / "static"
 HEALTH_TIMEOUT = 2.0
 IMAGE_CACHE = "private, max-age=3600"
@@ -153,12 +156,17 @@ def create_app(client: Client, thumbnails: Path) -> FastAPI:
 
     @app.get("/api/search", response_model=ImageResults, responses=ERRORS)
     def search(request: Request, q: str = Query(description="cat sofa, cat+sofa-dog, cat:2 sofa"),
-               k: int = 10, min_score: float | None = None):
+               k: int = 10, min_score: float | None = None, label: list[str] = Query(default=[], description=LABEL),
+               folder: str = Query(default="", description=FOLDER), page_token: str = Query(default="", description=PAGE)):
         """Images for text: the CLI's `search --json` document."""
-        return CliJson(image_json(q, gateway(request).search(q, k=k, min_score=min_score)))
+        return CliJson(image_json(q, gateway(request).search(q, k=k, min_score=min_score, labels=label, folder=folder,
+                                                             page_token=page_token)))
 
     @app.post("/api/similar", response_model=ImageResults, responses=ERRORS, openapi_extra=SIMILAR_BODY)
-    async def similar(request: Request, k: int = 10, min_score: float | None = None):
+    async def similar(request: Request, k: int = 10, min_score: float | None = None,
+                      label: list[str] = Query(default=[], description=LABEL),
+                      folder: str = Query(default="", description=FOLDER),
+                      page_token: str = Query(default="", description=PAGE)):
         """Images similar to an uploaded photo, or to an indexed one given as `{"id": ...}`."""
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -167,10 +175,12 @@ def create_app(client: Client, thumbnails: Path) -> FastAPI:
                 raise ApiError(400, "INVALID_ARGUMENT", 'expected a JSON body {"id": "<image id>"}') from None
             if not isinstance(image_id, str):
                 raise ApiError(400, "INVALID_ARGUMENT", "the id must be a string")
-            hits = await run_in_threadpool(gateway(request).similar, id=image_id, k=k, min_score=min_score)
+            hits = await run_in_threadpool(gateway(request).similar, id=image_id, k=k, min_score=min_score,
+                                           labels=label, folder=folder, page_token=page_token)
             return CliJson(image_json(image_id, hits))
         data, name = await _upload(request)
-        hits = await run_in_threadpool(gateway(request).similar, data, k=k, min_score=min_score)
+        hits = await run_in_threadpool(gateway(request).similar, data, k=k, min_score=min_score, labels=label,
+                                       folder=folder, page_token=page_token)
         return CliJson(image_json(name, hits))
 
     @app.post("/api/tag", response_model=Tags, responses=ERRORS, openapi_extra=UPLOAD_BODY)

@@ -15,6 +15,7 @@ class ImageResult(BaseModel):
 class ImageResults(BaseModel):
     query: str
     results: list[ImageResult]
+    next_page_token: str | None = None  # pass as page_token for the results after these
 
 
 class WordResult(BaseModel):
