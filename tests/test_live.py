@@ -6,12 +6,9 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -28,15 +25,10 @@ from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.index import live
 from services.index import server as index_server
-from tests.conftest import REPO, train_options
+from tests.conftest import train_options
+from tests.helpers import service_process
 
 PHOTO = "test/ship/0003.jpg"  # not among the session artifact's searchable (training) images
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -47,19 +39,10 @@ def root(artifact_root, tmp_path) -> Path:
     return copy
 
 
-@contextmanager
-def index_process(root: Path, port: int):
-    """The index service as its own process, so that a test can SIGKILL it."""
-    process = subprocess.Popen([sys.executable, "-m", "services.index.server", "--port", str(port),
-                                "--artifacts", str(root), "--reload-seconds", "0.5"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_serving(f"127.0.0.1:{port}", timeout=120)
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def index_process(root: Path, port: int = 0):
+    """The index service as its own process, so that a test can SIGKILL it; port 0: one it picks."""
+    return service_process("services.index.server", "--artifacts", str(root), "--reload-seconds", "0.5",
+                           log=root.parent / "index.log", port=port)
 
 
 def _eventually(check, seconds: float = 20.0):
@@ -75,19 +58,21 @@ def _eventually(check, seconds: float = 20.0):
 
 def test_added_images_survive_a_killed_index_and_deletes_stick(root, cifar):
     photo = (cifar / PHOTO).read_bytes()
-    index_port = _free_port()
-    with encoder_server.run_server(0, str(root)) as (_, encoder_port), \
+    first_index = ExitStack()
+    first, index_port = first_index.enter_context(index_process(root))  # restarted below on the same port
+    with first_index, encoder_server.run_server(0, str(root)) as (_, encoder_port), \
             gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}", timeout=5.0) \
             as (_, gateway_port), Client(f"127.0.0.1:{gateway_port}") as client:
-        wait_serving(f"127.0.0.1:{encoder_port}")  # loading takes as long as the machine makes it
-        with index_process(root, index_port) as first:
-            before = client.similar(photo, k=1)[0]
-            assert not before.id.startswith(ID_PREFIX)
-            [added] = client.add_images([photo], ["ship"])
-            assert added == image_id(photo)
-            top = client.similar(photo, k=1)[0]  # searchable at once
-            assert (top.id, top.label) == (added, "ship") and top.score > 0.999
-            os.killpg(first.pid, signal.SIGKILL)  # right after the add was acknowledged
+        for port in (encoder_port, gateway_port):  # loading takes as long as the machine makes it
+            wait_serving(f"127.0.0.1:{port}")
+        before = client.similar(photo, k=1)[0]
+        assert not before.id.startswith(ID_PREFIX)
+        [added] = client.add_images([photo], ["ship"])
+        assert added == image_id(photo)
+        top = client.similar(photo, k=1)[0]  # searchable at once
+        assert (top.id, top.label) == (added, "ship") and top.score > 0.999
+        os.killpg(first.pid, signal.SIGKILL)  # right after the add was acknowledged
+        first_index.close()
         with index_process(root, index_port):
             top = _eventually(lambda: client.similar(photo, k=1)[0])
             assert top.id == added and top.score > 0.999
@@ -165,7 +150,7 @@ def publish_copy(version_dir: Path, root: Path) -> str:
     return version_dir.name
 
 
-def test_a_version_that_fails_to_load_leaves_the_old_one_serving(root, cifar):
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(root, cifar, caplog):
     old = artifact.resolve(root)
     broken = old.parent / ".broken" / "20990101T000000Z-bad000"
     shutil.copytree(old, broken)
@@ -177,7 +162,9 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(root, cifar):
         wait_serving(f"127.0.0.1:{port}")
         expected = [h.id for h in client.search("ship", k=5)]
         publish_copy(broken, root)
-        time.sleep(2)  # ten checks of `current`, each finding the broken version
+        # evidence that the index's reload check found the broken version and tried it (twice: the retry)
+        _eventually(lambda: _assert_equal(max(_failed_attempts(caplog, "Index", broken.name), default=0) >= 2, True),
+                    60)
         assert index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest()).artifact_version == old.name
         assert [h.id for h in client.search("ship", k=5)] == expected
         wait_serving(f"127.0.0.1:{port}", timeout=1)
@@ -202,6 +189,13 @@ def test_an_encoder_ahead_of_the_index_answers_on_the_index_version(root, next_v
         assert encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=photo)).artifact_version == new
         assert encoder.EncodeImage(encoder_pb2.EncodeImageRequest(image=photo, artifact_version=old)) \
                       .artifact_version == old
+
+
+def _failed_attempts(caplog, service: str, version: str) -> list[int]:
+    """The attempt numbers of the logged failures of `service` to load artifact `version`."""
+    return [record.args[2] for record in list(caplog.records)
+            if record.msg.startswith("%s: could not load artifact") and record.args[0] == service
+            and str(record.args[1]).endswith(version)]
 
 
 def _assert_equal(actual, expected) -> None:
