@@ -23,6 +23,14 @@ REAL_PHOTOS = REPO.parent / "shared" / "data" / "imagenet200"
 TRAIN_PER_LABEL = 100
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that needs the trained session artifact (directly or through `services`, `web`, ...)
+    is `slow`, so that `pytest -m "not slow"` is the lane without it; others are marked by hand."""
+    for item in items:
+        if "artifact_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cifar() -> Path:
     if not (CIFAR / "train").is_dir():

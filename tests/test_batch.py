@@ -63,7 +63,8 @@ def messy_dataset(cifar, tmp_path):
     return root
 
 
-def test_unreadable_files_are_skipped_and_listed(messy_dataset, cache_dir, tmp_path):
+@pytest.mark.slow  # batch-train runs: Ray, the backbone's ONNX export, extraction
+def test_unreadable_files_are_skipped_and_listed(messy_dataset, ray_runtime, cache_dir, tmp_path):
     out = tmp_path / "artifacts"
     version = batch.train.run(train_options(messy_dataset, out, cache_dir, limit_per_label=0, head=HeadConfig(epochs=3)))
     unreadable = (version / artifact.UNREADABLE).read_text().splitlines()
@@ -73,7 +74,8 @@ def test_unreadable_files_are_skipped_and_listed(messy_dataset, cache_dir, tmp_p
     assert json.loads((version / artifact.REPORT).read_text())["images"]["unreadable"] == 3
 
 
-def test_a_failure_before_publishing_leaves_the_previous_artifact(messy_dataset, cache_dir, tmp_path, monkeypatch):
+@pytest.mark.slow  # two batch-train runs
+def test_a_failure_before_publishing_leaves_the_previous_artifact(messy_dataset, ray_runtime, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "artifacts"
     first = batch.train.run(train_options(messy_dataset, out, cache_dir, limit_per_label=0, head=HeadConfig(epochs=1)))
 

@@ -26,6 +26,7 @@ def glove_300d_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a batch-train run of its own
 def test_300d_artifact_end_to_end(glove_300d_file, ray_runtime, cache_dir, cifar, tmp_path):
     version = run(train_options(cifar / "train", tmp_path / "artifacts", cache_dir, limit_per_label=40,
                                 word_vectors=str(glove_300d_file), head=HeadConfig(epochs=10)))
