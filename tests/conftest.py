@@ -55,6 +55,9 @@ def ray_runtime():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
+    """The feature and backbone cache. While developing, SEMSEARCH_TEST_CACHE=DIR reuses one (written to)."""
+    if os.environ.get("SEMSEARCH_TEST_CACHE"):
+        return Path(os.environ["SEMSEARCH_TEST_CACHE"])
     return tmp_path_factory.mktemp("cache")
 
 

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import grpc
 
+from batch import wordnet
 from services.common.wait_ready import wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +68,21 @@ def _bound_port(process: subprocess.Popen, log: Path, start: int, timeout: float
         if time.monotonic() > deadline:
             raise TimeoutError(f"{' '.join(process.args)} not listening after {timeout} s")
         time.sleep(0.05)
+
+
+ANIMAL = "00015388"  # WordNet 3.0 noun synset: animal, animate being, beast, brute, creature, fauna
+
+
+class Kinds:
+    """Which words WordNet places under a synset ("is a cat an animal?"), a plural read as its singular."""
+
+    def __init__(self, names: wordnet.WordNet | None = None):
+        self.names = names or wordnet.load()
+        self.synsets: dict[str, list[str]] = {}
+        for offset, synset in self.names.synsets.items():
+            for word in synset.words:
+                self.synsets.setdefault(word.lower(), []).append(offset)
+
+    def is_a(self, word: str, ancestor: str) -> bool:
+        offsets = self.synsets.get(word) or (self.synsets.get(word[:-1], []) if word.endswith("s") else [])
+        return any(o == ancestor or ancestor in self.names.ancestors(o) for o in offsets)

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -28,7 +30,9 @@ from services.index import server as index_server
 from tests.conftest import train_options
 from tests.helpers import service_process
 
+CLI = [sys.executable, "-m", "services.gateway.cli"]
 PHOTO = "test/ship/0003.jpg"  # not among the session artifact's searchable (training) images
+DELETED = "truck/0001.jpg"  # one of them, deleted through the live log before next_version is trained
 
 
 @pytest.fixture
@@ -127,16 +131,44 @@ def test_bad_live_updates_get_clear_errors_and_change_nothing(root):
         assert not (root / live.LIVE_DIR).exists()  # nothing was written for a refused call
 
 
+def test_images_added_and_deleted_with_the_cli(root, cifar):
+    """`semsearch add` then `semsearch delete`, as a user types them, against the real services."""
+    photo = cifar / PHOTO
+    with index_server.run_server(0, str(root)) as (_, index_port), \
+            encoder_server.run_server(0, str(root)) as (_, encoder_port), \
+            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port), \
+            Client(f"127.0.0.1:{port}") as client:
+        gateway = f"127.0.0.1:{port}"
+        wait_serving(gateway)
+        added = semsearch(gateway, "add", str(photo), "--label", "ship", "--json")
+        assert added == {"added": [{"file": str(photo), "id": image_id(photo.read_bytes())}]}
+        new_id = added["added"][0]["id"]
+        top = client.similar(photo.read_bytes(), k=1)[0]
+        assert (top.id, top.label) == (new_id, "ship") and top.score > 0.999
+        assert semsearch(gateway, "delete", new_id, "--json") == {"deleted": 1}
+        assert new_id not in [hit.id for hit in client.similar(photo.read_bytes(), k=20)]
+        shown = subprocess.run([*CLI, "--gateway", gateway, "delete", new_id], capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 1 and shown.stderr.startswith("semsearch: NOT_FOUND") and new_id in shown.stderr
+
+
+def semsearch(gateway: str, *args: str) -> dict:
+    result = subprocess.run([*CLI, "--gateway", gateway, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 @pytest.fixture(scope="module")
 def next_version(artifact_root, cifar, cache_dir, tmp_path_factory) -> Path:
     """A newer artifact version (another seed, a short retraining on cached features), built elsewhere;
-    its root's live log had PHOTO added, which batch-train folds into the version itself."""
+    its root's live log had PHOTO added and DELETED deleted, which batch-train folds into the version itself."""
     elsewhere = tmp_path_factory.mktemp("next") / "artifacts"
     shutil.copytree(artifact_root, elsewhere, symlinks=True)
     log = live.LiveLog(elsewhere)
     photo = (cifar / PHOTO).read_bytes()
     log.append([live.Entry("add", image_id(photo), "ship", log.store_image(photo), (1.0,) * 50,
-                           live.space_of(artifact.read_manifest(artifact.resolve(elsewhere))))])
+                           live.space_of(artifact.read_manifest(artifact.resolve(elsewhere)))),
+                live.Entry("delete", DELETED)])
     return run(train_options(cifar / "train", elsewhere, cache_dir, head=HeadConfig(epochs=3, seed=7)))
 
 
@@ -246,9 +278,15 @@ def test_a_published_artifact_is_switched_to_under_load_with_no_failed_query(roo
         assert failures == []
         assert answers[0] > switched > 0
         assert json.loads((root / new / artifact.REPORT).read_text())["images"]["live_updates"] == \
-               {"added": 1, "deleted": 0}
+               {"added": 1, "deleted": 1}
         top = client.similar(photo, k=1)[0]  # now part of the new artifact itself, embedded by its model
         assert top.id == added and top.score > 0.999
+        ids = [json.loads(line)["id"] for line in
+               (root / new / artifact.INDEXES / "images" / "items.jsonl").read_text().splitlines()]
+        assert added in ids and DELETED not in ids  # the image deleted through the live log is left out
+        with pytest.raises(grpc.RpcError) as error:
+            client.image(DELETED)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
         with grpc.insecure_channel(f"127.0.0.1:{index_port}") as channel:
             info = index_pb2_grpc.IndexStub(channel).Info(index_pb2.IndexInfoRequest(index="images"))
-        assert info.indexes[0].size == artifact.read_manifest(root / new)["indexes"]["images"]["size"] == 1001
+        assert info.indexes[0].size == artifact.read_manifest(root / new)["indexes"]["images"]["size"] == 1000
