@@ -23,6 +23,14 @@ REAL_PHOTOS = REPO.parent / "shared" / "data" / "imagenet200"
 TRAIN_PER_LABEL = 100
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that needs the trained session artifact (directly or through `services`, `web`, ...)
+    is `slow`, so that `pytest -m "not slow"` is the lane without it; others are marked by hand."""
+    for item in items:
+        if "artifact_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cifar() -> Path:
     if not (CIFAR / "train").is_dir():
@@ -47,6 +55,9 @@ def ray_runtime():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
+    """The feature and backbone cache. While developing, SEMSEARCH_TEST_CACHE=DIR reuses one (written to)."""
+    if os.environ.get("SEMSEARCH_TEST_CACHE"):
+        return Path(os.environ["SEMSEARCH_TEST_CACHE"])
     return tmp_path_factory.mktemp("cache")
 
 

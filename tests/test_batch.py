@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import batch.train
-from batch import quality
+from batch import backbones, quality
+from batch.extract import extract
 from batch.images import list_images
-from batch.publish import verify
+from batch.publish import new_staging, publish, verify
 from batch.train_head import HeadConfig
 from services.common import artifact
 from tests.conftest import TRAIN_PER_LABEL, train_options
@@ -63,7 +64,8 @@ def messy_dataset(cifar, tmp_path):
     return root
 
 
-def test_unreadable_files_are_skipped_and_listed(messy_dataset, cache_dir, tmp_path):
+@pytest.mark.slow  # batch-train runs: Ray, the backbone's ONNX export, extraction
+def test_unreadable_files_are_skipped_and_listed(messy_dataset, ray_runtime, cache_dir, tmp_path):
     out = tmp_path / "artifacts"
     version = batch.train.run(train_options(messy_dataset, out, cache_dir, limit_per_label=0, head=HeadConfig(epochs=3)))
     unreadable = (version / artifact.UNREADABLE).read_text().splitlines()
@@ -73,7 +75,8 @@ def test_unreadable_files_are_skipped_and_listed(messy_dataset, cache_dir, tmp_p
     assert json.loads((version / artifact.REPORT).read_text())["images"]["unreadable"] == 3
 
 
-def test_a_failure_before_publishing_leaves_the_previous_artifact(messy_dataset, cache_dir, tmp_path, monkeypatch):
+@pytest.mark.slow  # two batch-train runs
+def test_a_failure_before_publishing_leaves_the_previous_artifact(messy_dataset, ray_runtime, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "artifacts"
     first = batch.train.run(train_options(messy_dataset, out, cache_dir, limit_per_label=0, head=HeadConfig(epochs=1)))
 
@@ -100,3 +103,58 @@ def test_label_vectors_average_multi_word_labels():
     words = batch.train.word_vectors.WordVectors(["golden", "retriever"], np.eye(2, dtype=np.float32), "test")
     np.testing.assert_allclose(quality.label_matrix(["golden_retriever"], words.index(), words.vectors),
                                [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+
+
+def test_publishing_keeps_the_three_newest_versions(tmp_path):
+    """Older versions beyond the newest three are removed when a new one is published."""
+    root = tmp_path / "artifacts"
+    older = [f"2000010{day}T000000Z-aaaaaa" for day in range(1, 5)]  # version names sort by time
+    for name in older:
+        (root / name).mkdir(parents=True)
+        (root / name / artifact.MANIFEST).write_text("{}")
+    (root / artifact.CURRENT).symlink_to(older[-1])
+    staging = new_staging(root)
+    (staging / "data.txt").write_text("new")
+    new = publish(staging, root, {})
+    kept = sorted(p.name for p in root.iterdir() if p.name != artifact.CURRENT)
+    assert kept == [older[2], older[3], new.name] == sorted(kept)
+    assert artifact.resolve(root) == new
+
+
+def test_index_data_is_read_recursively(artifact_root, ray_runtime, cache_dir, cifar, tmp_path):
+    """--index-data: every image below the folder, at any depth, is made searchable (labels from the
+    top-level folder, none for loose files)."""
+    searchable = tmp_path / "searchable"
+    photos = {"loose.jpg": "ship/0000.jpg", "cats/b.jpg": "cat/0000.jpg", "cats/deeper/still/c.jpg": "cat/0001.jpg",
+              "x/y/z/truck.jpg": "truck/0000.jpg"}
+    for name, source in photos.items():
+        (searchable / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(cifar / "test" / source, searchable / name)
+    version = batch.train.run(train_options(cifar / "train", tmp_path / "artifacts", cache_dir, index_data=searchable,
+                                            head=HeadConfig(epochs=1)))
+    items = [json.loads(line) for line in (version / artifact.INDEXES / "images" / "items.jsonl").read_text().splitlines()]
+    assert {item["id"]: item.get("label") for item in items} == \
+           {"loose.jpg": None, "cats/b.jpg": "cats", "cats/deeper/still/c.jpg": "cats", "x/y/z/truck.jpg": "x"}
+    assert artifact.read_manifest(version)["indexes"]["images"]["size"] == 4
+
+
+def test_a_changed_image_is_extracted_again(artifact_root, ray_runtime, cifar, tmp_path):
+    """The feature cache is keyed by the file's path, size and mtime: new bytes at the same path are
+    extracted again, an unchanged file comes from the cache."""
+    backbone = artifact.resolve(artifact_root) / artifact.BACKBONE
+    preprocessing = backbones.spec("efficientnet-lite0").preprocessing
+    photos, cache = tmp_path / "photos", tmp_path / "cache"
+    photos.mkdir()
+    ship, cat = cifar / "test" / "ship" / "0000.jpg", cifar / "test" / "cat" / "0000.jpg"
+    assert ship.stat().st_size != cat.stat().st_size
+    shutil.copy(ship, photos / "a.jpg")
+    shutil.copy(cat, photos / "b.jpg")
+    first = extract(list_images(photos), "efficientnet-lite0", backbone, preprocessing, cache)
+    assert first.extracted == 2
+    shutil.copy(cat, photos / "a.jpg")  # the same path, other bytes
+    again = extract(list_images(photos), "efficientnet-lite0", backbone, preprocessing, cache)
+    assert again.extracted == 1
+    a, b = str(photos / "a.jpg"), str(photos / "b.jpg")
+    np.testing.assert_allclose(again.features[a], first.features[b], atol=1e-5)
+    np.testing.assert_array_equal(again.features[b], first.features[b])
+    assert np.abs(first.features[a] - first.features[b]).max() > 0.1

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from services.gateway.client import Client
+from tests.helpers import ANIMAL, Kinds
 
 CLI = [sys.executable, "-m", "services.gateway.cli"]
 
@@ -74,11 +75,19 @@ def test_tags_of_unseen_test_photos(client, cifar):
 
 
 def test_tag_and_similar_through_the_cli(services, cifar):
-    photo = str(sorted((cifar / "test" / "ship").iterdir())[0])
+    """What a user checks: a dog photo (from the test split, never trained on) is tagged with dog words and
+    finds dogs. Measured: dog, cat, horse, dogs, boy; four dogs."""
+    photo = str(cifar / "test" / "dog" / "0001.jpg")
     tags = json.loads(semsearch(services, "tag", photo, "-k", "5", "--json").stdout)
     assert len(tags["tags"]) == 5 and set(tags["tags"][0]) == {"word", "score"}
+    words = [t["word"] for t in tags["tags"]]
+    kinds = Kinds()
+    assert words[0] == "dog" and sum(kinds.is_a(word, ANIMAL) for word in words) >= 3, words
+    assert [t["score"] for t in tags["tags"]] == sorted((t["score"] for t in tags["tags"]), reverse=True)
     similar = json.loads(semsearch(services, "similar", photo, "-k", "4", "--json").stdout)
     assert similar["query"] == photo and len(similar["results"]) == 4
+    labels = [r["label"] for r in similar["results"]]
+    assert labels[0] == "dog" and labels.count("dog") >= 3, labels
 
 
 def test_readable_table_and_html_gallery(services, tmp_path):

@@ -4,10 +4,6 @@ process, whose peak resident memory (VmHWM) is read from /proc."""
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 from concurrent import futures
 from pathlib import Path
 
@@ -16,9 +12,7 @@ import pytest
 from PIL import Image
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from services.common.wait_ready import wait_serving
-from tests.conftest import REPO
-from tests.test_live import _free_port
+from tests.helpers import service_process
 
 BUDGET_MB = 300
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -49,18 +43,11 @@ def reset_peak(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def encoder(artifact_root):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "services.encoder.server", "--port", str(port),
-                                "--artifacts", str(artifact_root), "--reload-seconds", "0"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_serving(f"127.0.0.1:{port}", timeout=180)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield process.pid, encoder_pb2_grpc.EncoderStub(channel)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def encoder(artifact_root, tmp_path_factory):
+    with service_process("services.encoder.server", "--artifacts", str(artifact_root), "--reload-seconds", "0",
+                         log=tmp_path_factory.mktemp("encoder") / "encoder.log") as (process, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield process.pid, encoder_pb2_grpc.EncoderStub(channel)
 
 
 # Each: (name, bytes, the status Tag/EncodeImage must give). The first two sent gigabytes before.

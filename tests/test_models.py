@@ -9,6 +9,7 @@ from batch import backbones
 from services.encoder.image_encoder import ImageEncoder
 
 
+@pytest.mark.slow  # exports two backbones to ONNX
 @pytest.mark.parametrize("name, size", [("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
 def test_lite_onnx_export_matches_torch_on_real_photos(name, size, cifar, tmp_path):
     spec = backbones.spec(name)

@@ -20,6 +20,7 @@ from services.encoder.core import EncoderCore
 from services.encoder.head import Head
 from services.encoder.modes import MODES, UnknownModeError
 from tests.conftest import REAL_PHOTOS
+from tests.helpers import ANIMAL, Kinds
 
 PER_LABEL = 20
 
@@ -60,13 +61,17 @@ def test_conse_tags_photos_without_any_training(encoder, test_photos):
     cats, trucks = vectors[truth == "cat"], vectors[truth == "truck"]
     assert np.mean(cats @ cat > cats @ truck) >= 0.8
     assert np.mean(trucks @ truck > trucks @ cat) >= 0.8
-    # Among the 10 labels, far better than chance (0.1), with no training at all.
+    # Among the 10 labels, far better than chance (0.1), with no training at all: 0.36 measured on these
+    # 200 photos (ConSE has no trained part, so this does not move between runs); the features shuffled
+    # across photos give 0.085.
     label_vectors = quality.label_matrix(encoder.manifest.labels, encoder.rows, encoder.word_vectors)
     predicted = np.asarray(encoder.manifest.labels)[(vectors @ label_vectors.T).argmax(1)]
-    assert np.mean(predicted == truth) >= 0.2
-    # The nearest words of a cat photo, over the whole vocabulary, are animal words.
-    top = np.argsort(-(cats.mean(0) @ encoder.word_vectors.T))[:10]
-    assert {"cat", "dog", "cats", "pet", "rabbit", "kitten", "puppy", "dogs"} & {encoder.words[i] for i in top}
+    assert np.mean(predicted == truth) >= 0.28
+    # The nearest words of the cat photos, over all 400,000 words: "cat" first, and (WordNet says) animals
+    # (measured: cat, monkey, animal, squirrel, elephant, dog, snake, shark, frog, mouse).
+    top = [encoder.words[i] for i in np.argsort(-(cats.mean(0) @ encoder.word_vectors.T))[:10]]
+    kinds = Kinds()
+    assert top[0] == "cat" and sum(kinds.is_a(word, ANIMAL) for word in top) >= 8, top
 
 
 def test_hybrid_ranks_trained_labels_exactly_like_devise(encoder, test_photos):

@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from services.common import artifact
 from services.common.items import read_items
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # two Ray clusters and two batch-train runs: minutes
 
 FLAGS = ["--limit-per-label", "20", "--epochs", "3", "--no-quality"]
 

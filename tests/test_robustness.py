@@ -6,12 +6,12 @@ import json
 import math
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from contextlib import ExitStack
 
 import grpc
 import numpy as np
@@ -26,6 +26,7 @@ from services.common import artifact
 from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
 from tests.conftest import REPO, TRAIN_PER_LABEL, wait_serving
+from tests.helpers import status_of
 
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -36,14 +37,6 @@ def gateway(services):
         yield gateway_pb2_grpc.GatewayStub(channel)
 
 
-def code_of(call, request):
-    try:
-        call(request, timeout=30)
-    except grpc.RpcError as error:
-        return error.code(), error.details()
-    return grpc.StatusCode.OK, ""
-
-
 def bomb_png(width=100_000, height=100_000) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + header
@@ -52,7 +45,7 @@ def bomb_png(width=100_000, height=100_000) -> bytes:
 
 
 def test_mixed_scripts_emoji_and_punctuation(gateway):
-    assert code_of(gateway.Search, gateway_pb2.SearchRequest(text="🐱 кошка 猫", k=5)) == \
+    assert status_of(gateway.Search, gateway_pb2.SearchRequest(text="🐱 кошка 猫", k=5)) == \
         (grpc.StatusCode.NOT_FOUND, "unknown words: 🐱, кошка, 猫")
     ok = gateway.Search(gateway_pb2.SearchRequest(text="cat, sofa!", k=5)).results
     same = gateway.Search(gateway_pb2.SearchRequest(text="cat sofa", k=5)).results
@@ -61,11 +54,11 @@ def test_mixed_scripts_emoji_and_punctuation(gateway):
 
 
 def test_huge_inputs(gateway):
-    code, details = code_of(gateway.Search, gateway_pb2.SearchRequest(text="dog " * 25_000, k=5))  # 100 kB
+    code, details = status_of(gateway.Search, gateway_pb2.SearchRequest(text="dog " * 25_000, k=5))  # 100 kB
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit is 1000" in details
-    code, details = code_of(gateway.Tag, gateway_pb2.TagRequest(image=bomb_png(), k=5))
+    code, details = status_of(gateway.Tag, gateway_pb2.TagRequest(image=bomb_png(), k=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "pixels" in details
-    code, _ = code_of(gateway.Tag, gateway_pb2.TagRequest(image=b"\xff" * (17 << 20), k=5))  # over 16 MiB
+    code, _ = status_of(gateway.Tag, gateway_pb2.TagRequest(image=b"\xff" * (17 << 20), k=5))  # over 16 MiB
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -90,7 +83,7 @@ def test_direct_calls_on_each_service(services):
              grpc.StatusCode.RESOURCE_EXHAUSTED),
         ]
         for call, request, expected in cases:
-            assert code_of(call, request)[0] == expected, request
+            assert status_of(call, request)[0] == expected, request
     for address in (services.encoder, services.index, services.gateway):
         wait_serving(address, timeout=5)
 
@@ -135,35 +128,31 @@ def test_health_stays_serving_after_the_random_requests(services):
         wait_serving(address, timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_gateway_recovers_by_itself_when_the_encoder_comes_back(artifact_root, services):
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    with gateway_server.run_server(0, address, services.index, timeout=1.0) as (_, gateway_port), \
-            grpc.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        request = gateway_pb2.SearchRequest(text="dog", k=3)
-        with encoder_server.run_server(port, str(artifact_root)):
+    request = gateway_pb2.SearchRequest(text="dog", k=3)
+    with ExitStack() as first_encoder:
+        port = first_encoder.enter_context(encoder_server.run_server(0, str(artifact_root)))[1]
+        address = f"127.0.0.1:{port}"  # the second encoder comes back on the same port
+        with gateway_server.run_server(0, address, services.index, timeout=1.0) as (_, gateway_port), \
+                grpc.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
             wait_serving(address)
+            wait_serving(f"127.0.0.1:{gateway_port}")
             assert len(stub.Search(request, timeout=10).results) == 3
-        started = time.monotonic()
-        code, details = code_of(stub.Search, request)
-        assert code == grpc.StatusCode.UNAVAILABLE and "encoder" in details and time.monotonic() - started < 5
-        with encoder_server.run_server(port, str(artifact_root)):
-            wait_serving(address)
-            deadline = time.monotonic() + 15
-            while code_of(stub.Search, request)[0] != grpc.StatusCode.OK:
-                assert time.monotonic() < deadline, "gateway did not recover"
-                time.sleep(0.2)
-            health = health_pb2_grpc.HealthStub(channel)
-            while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
-                assert time.monotonic() < deadline, "gateway health did not recover"
-                time.sleep(0.2)
+            first_encoder.close()
+            started = time.monotonic()
+            code, details = status_of(stub.Search, request)
+            assert code == grpc.StatusCode.UNAVAILABLE and "encoder" in details and time.monotonic() - started < 5
+            with encoder_server.run_server(port, str(artifact_root)):
+                wait_serving(address)
+                deadline = time.monotonic() + 15
+                while status_of(stub.Search, request)[0] != grpc.StatusCode.OK:
+                    assert time.monotonic() < deadline, "gateway did not recover"
+                    time.sleep(0.2)
+                health = health_pb2_grpc.HealthStub(channel)
+                while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
+                    assert time.monotonic() < deadline, "gateway health did not recover"
+                    time.sleep(0.2)
 
 
 def test_a_killed_batch_job_resumes_from_its_cache(artifact_root, cifar, tmp_path):

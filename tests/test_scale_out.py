@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 
 from batch.train import run
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2, index_pb2_grpc
@@ -200,10 +201,12 @@ def test_calls_are_spread_over_every_replica(services):
         for replica in replicas:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
             encoder_pb2_grpc.add_EncoderServicer_to_server(replica, server)
+            health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)  # "" is SERVING
             servers.append((server, server.add_insecure_port("127.0.0.1:0")))
             server.start()
         addresses = ",".join(f"127.0.0.1:{port}" for _, port in servers)
         with gateway_server.run_server(0, addresses, services.index) as (_, port), Client(f"127.0.0.1:{port}") as client:
+            wait_serving(f"127.0.0.1:{port}")
             for _ in range(30):
                 assert len(client.search("dog", k=3)) == 3
     finally:

@@ -30,8 +30,11 @@ from services.gateway.client import Client
 from services.index import server as index_server
 from services.web import server as web_server
 from tests.conftest import Addresses
+from tests.helpers import status_of
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+if shutil.which("openssl") is None:  # fail, not skip: a missing tool must not drop the security tests unseen
+    pytest.fail("tests/test_security.py makes its certificates with the openssl command line: install openssl "
+                "(Debian/Ubuntu: apt-get install openssl)", pytrace=False)
 
 TOKEN, ROTATED_TOKEN = "s3cret-token-0123456789", "next-token-abcdef"
 
@@ -104,12 +107,6 @@ def health(channel: grpc.Channel):
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
 
 
-def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as error:
-        call(*args, timeout=10, **kwargs)
-    return error.value.code(), error.value.details()
-
-
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -157,14 +154,14 @@ def test_the_web_service_speaks_https_and_passes_the_token_on_over_tls(stack, pk
 @pytest.mark.parametrize("service", ["gateway", "encoder", "index"])
 def test_a_plaintext_client_gets_unavailable(stack, service):
     with grpc.insecure_channel(getattr(stack, service)) as channel:
-        assert code_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
+        assert status_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
             grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("service", ["gateway", "index"])
 def test_a_client_trusting_another_ca_is_refused(stack, pki, service):
     with security.channel(getattr(stack, service), pki.trusting(pki.other_ca, pki.other_client)) as channel:
-        assert code_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
+        assert status_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
             grpc.StatusCode.UNAVAILABLE
 
 
@@ -172,7 +169,7 @@ def test_the_server_name_is_checked(stack, pki):
     with security.channel(stack.gateway, pki.trusting(server_name="localhost")) as channel:
         assert health(channel).status == SERVING
     with security.channel(stack.gateway, pki.trusting(server_name="gateway.example.com")) as channel:
-        assert code_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
+        assert status_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
             grpc.StatusCode.UNAVAILABLE
 
 
@@ -181,7 +178,7 @@ def test_mutual_tls_refuses_a_client_without_a_good_certificate(stack, pki, serv
     address = getattr(stack, service)
     for refused in (pki.trusting(), pki.trusting(client=pki.other_client)):
         with security.channel(address, refused) as channel:
-            assert code_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
+            assert status_of(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest())[0] == \
                 grpc.StatusCode.UNAVAILABLE
     with security.channel(address, pki.trusting(client=pki.client)) as channel:
         assert health(channel).status == SERVING
@@ -201,7 +198,7 @@ def test_mutual_tls_refuses_a_client_without_a_good_certificate(stack, pki, serv
 ])
 def test_the_gateway_needs_a_right_token(stack, pki, metadata, words):
     with security.channel(stack.gateway, pki.trusting()) as channel:
-        code, details = code_of(gateway_pb2_grpc.GatewayStub(channel).SimilarWords,
+        code, details = status_of(gateway_pb2_grpc.GatewayStub(channel).SimilarWords,
                                 gateway_pb2.SimilarWordsRequest(word="cat", k=3), metadata=metadata)
     assert code == grpc.StatusCode.UNAUTHENTICATED and words in details
 
@@ -282,16 +279,16 @@ def test_path_like_ids_are_not_found_and_open_no_file(stack, pki):
             gateway = gateway_pb2_grpc.GatewayStub(security.with_token(gateway_channel, TOKEN))
             index = index_pb2_grpc.IndexStub(index_channel)
             for path in PATH_LIKE:
-                assert code_of(gateway.SimilarImages, gateway_pb2.SimilarImagesRequest(id=path, k=3))[0] == \
+                assert status_of(gateway.SimilarImages, gateway_pb2.SimilarImagesRequest(id=path, k=3))[0] == \
                     grpc.StatusCode.NOT_FOUND
-                assert code_of(index.Search, index_pb2.IndexSearchRequest(index="images", id=path, k=3))[0] == \
+                assert status_of(index.Search, index_pb2.IndexSearchRequest(index="images", id=path, k=3))[0] == \
                     grpc.StatusCode.NOT_FOUND
-                assert code_of(index.GetVectors, index_pb2.GetVectorsRequest(index="images", ids=[path]))[0] == \
+                assert status_of(index.GetVectors, index_pb2.GetVectorsRequest(index="images", ids=[path]))[0] == \
                     grpc.StatusCode.NOT_FOUND
-                assert code_of(index.Info, index_pb2.IndexInfoRequest(index=path))[0] == grpc.StatusCode.NOT_FOUND
-                assert code_of(gateway.Search, gateway_pb2.SearchRequest(text=path, k=3))[0] in \
+                assert status_of(index.Info, index_pb2.IndexInfoRequest(index=path))[0] == grpc.StatusCode.NOT_FOUND
+                assert status_of(gateway.Search, gateway_pb2.SearchRequest(text=path, k=3))[0] in \
                     {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
-                assert code_of(gateway.Tag, gateway_pb2.TagRequest(image=path.encode(), k=3))[0] == \
+                assert status_of(gateway.Tag, gateway_pb2.TagRequest(image=path.encode(), k=3))[0] == \
                     grpc.StatusCode.INVALID_ARGUMENT
         with open(os.devnull, "rb"):  # the hook does see opens
             pass

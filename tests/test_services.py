@@ -16,6 +16,7 @@ from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2
 from services.gateway import server as gateway_server
 from services.index import server as index_server
 from tests.conftest import wait_serving
+from tests.helpers import status_of
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,6 @@ def stubs(services):
            index_pb2_grpc.IndexStub(channels[2]))
     for channel in channels:
         channel.close()
-
-
-def status_of(call, request) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as error:
-        call(request, timeout=30)
-    return error.value.code(), error.value.details()
 
 
 @pytest.mark.parametrize("name, service", [("gateway", "semsearch.v1.Gateway"), ("encoder", "semsearch.v1.Encoder"),
