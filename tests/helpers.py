@@ -16,6 +16,7 @@ from typing import Iterator
 import grpc
 
 from batch import wordnet
+from services.common import artifact
 from services.common.wait_ready import wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +87,16 @@ class Kinds:
     def is_a(self, word: str, ancestor: str) -> bool:
         offsets = self.synsets.get(word) or (self.synsets.get(word[:-1], []) if word.endswith("s") else [])
         return any(o == ancestor or ancestor in self.names.ancestors(o) for o in offsets)
+
+
+def example_manifest() -> artifact.Manifest:
+    """A complete manifest with made-up values, for tests of reading, writing and publishing."""
+    return artifact.Manifest(
+        created="2026-01-01T00:00:00Z", versions={"numpy": "2.0"},
+        backbone=artifact.Backbone("efficientnet-lite0", "packaged", 1280, {"size": 224}),
+        word_vectors=artifact.WordSpace("glove-6b-50d", 50, 400_000), dimension=50, labels=["cat", "dog"],
+        head=artifact.HeadInfo({"epochs": 25, "seed": 3}, 0.75), modes={"default": "gated"},
+        quality=artifact.QualityInfo(["cat"], 3, 0.1), data=artifact.DataInfo("/data", "/data", None),
+        indexes={"images": artifact.IndexInfo(10, 50, 1, {"brute_force": True})},
+        version="20260101T000000Z-abcdef", files={"head.npz": "0" * 64},
+    )

@@ -14,6 +14,7 @@ from batch.publish import new_staging, publish, verify
 from batch.train_head import HeadConfig
 from services.common import artifact
 from tests.conftest import TRAIN_PER_LABEL, train_options
+from tests.helpers import example_manifest
 
 
 def test_listing_takes_labels_from_top_level_folders_only(tmp_path):
@@ -115,7 +116,7 @@ def test_publishing_keeps_the_three_newest_versions(tmp_path):
     (root / artifact.CURRENT).symlink_to(older[-1])
     staging = new_staging(root)
     (staging / "data.txt").write_text("new")
-    new = publish(staging, root, {})
+    new = publish(staging, root, example_manifest())
     kept = sorted(p.name for p in root.iterdir() if p.name != artifact.CURRENT)
     assert kept == [older[2], older[3], new.name] == sorted(kept)
     assert artifact.resolve(root) == new
@@ -135,7 +136,7 @@ def test_index_data_is_read_recursively(artifact_root, ray_runtime, cache_dir, c
     items = [json.loads(line) for line in (version / artifact.INDEXES / "images" / "items.jsonl").read_text().splitlines()]
     assert {item["id"]: item.get("label") for item in items} == \
            {"loose.jpg": None, "cats/b.jpg": "cats", "cats/deeper/still/c.jpg": "cats", "x/y/z/truck.jpg": "x"}
-    assert artifact.read_manifest(version)["indexes"]["images"]["size"] == 4
+    assert artifact.read_manifest(version).indexes["images"].size == 4
 
 
 def test_a_changed_image_is_extracted_again(artifact_root, ray_runtime, cifar, tmp_path):

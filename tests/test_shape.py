@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.common import artifact
+from tests.helpers import example_manifest as manifest
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 50
@@ -31,18 +32,6 @@ def test_no_function_in_batch_is_over_50_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and body_lines(node) > MAX_LINES:
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({body_lines(node)} lines)")
     assert not long, "functions over 50 lines: " + "; ".join(long)
-
-
-def manifest() -> artifact.Manifest:
-    return artifact.Manifest(
-        created="2026-01-01T00:00:00Z", versions={"numpy": "2.0"},
-        backbone=artifact.Backbone("efficientnet-lite0", "packaged", 1280, {"size": 224}),
-        word_vectors=artifact.WordSpace("glove-6b-50d", 50, 400_000), dimension=50, labels=["cat", "dog"],
-        head=artifact.HeadInfo({"epochs": 25, "seed": 3}, 0.75), modes={"default": "gated"},
-        quality=artifact.QualityInfo(["cat"], 3, 0.1), data=artifact.DataInfo("/data", "/data", None),
-        indexes={"images": artifact.IndexInfo(10, 50, 1, {"brute_force": True})},
-        version="20260101T000000Z-abcdef", files={"head.npz": "0" * 64},
-    )
 
 
 def test_manifest_round_trips_through_the_json_on_disk(tmp_path):
