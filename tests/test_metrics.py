@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import urllib.request
 from contextlib import contextmanager
 
@@ -176,3 +177,43 @@ def test_index_and_encoder_show_calls_vectors_and_their_artifact_version(artifac
     assert value(encoder_samples, "semsearch_encoder_images_per_call_count") == 1
     assert value(encoder_samples, "semsearch_encoder_images_per_call_sum") == 2
     assert value(encoder_samples, "semsearch_encoder_image_seconds_count") == 1
+
+
+def test_artifact_switches_and_failed_loads_are_counted(tmp_path):
+    """Through `follow_artifacts` with stand-in cores (as in test_switch): the first load is no reload,
+    a version that fails twice counts two failures, then its switch counts one reload."""
+    from tests.test_switch import Core, publish
+
+    publish(tmp_path, "v1")
+    attempts: dict[str, int] = {}
+    switched = threading.Event()
+
+    def load(directory):
+        attempts[directory.name] = attempts.get(directory.name, 0) + 1
+        if directory.name == "v2" and attempts["v2"] < 3:
+            raise OSError("the shared volume is not there yet")
+        core = Core(directory.name)
+        if directory.name == "v2":
+            switched.set()
+        return core
+
+    telemetry = metrics.Telemetry("encoder")
+    loading, stop, ready = common.Loading("encoder", telemetry), threading.Event(), threading.Event()
+    follower = threading.Thread(target=common.follow_artifacts,
+                                args=(loading, tmp_path, load, ready.set, None, 0.01, stop))
+    follower.start()
+    try:
+        assert ready.wait(30)
+        sample = telemetry.registry.get_sample_value
+        assert sample("semsearch_artifact_info", {"service": "encoder", "version": "v1"}) == 1
+        assert sample("semsearch_artifact_reloads_total") == 0
+        publish(tmp_path, "v2")
+        assert switched.wait(60)
+    finally:
+        stop.set()
+        follower.join()
+    assert loading.core.version == "v2"
+    assert sample("semsearch_artifact_info", {"service": "encoder", "version": "v2"}) == 1
+    assert sample("semsearch_artifact_info", {"service": "encoder", "version": "v1"}) is None
+    assert sample("semsearch_artifact_reloads_total") == 1
+    assert sample("semsearch_artifact_load_failures_total") == 2
