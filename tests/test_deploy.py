@@ -247,9 +247,8 @@ def test_grpc_services_serve_metrics_on_their_ports_everywhere():
 
     makefile = (REPO / "Makefile").read_text()
     for kind, port in metrics.DEFAULT_PORTS.items():
-        if kind != "web":
-            assert f"{kind.upper()}_METRICS_PORT ?= {port}" in makefile
-            assert f"--metrics-port $({kind.upper()}_METRICS_PORT)" in makefile
+        assert f"{kind.upper()}_METRICS_PORT ?= {port}" in makefile
+        assert f"--metrics-port $({kind.upper()}_METRICS_PORT)" in makefile
 
 
 def test_dashboard_queries_only_metrics_the_services_register():

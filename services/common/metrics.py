@@ -42,7 +42,7 @@ LOG_FORMATS = ("text", "json")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # the services' own metrics ports under `make serve` (and the deploy examples)
-DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466, "web": 9467}
+DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466}
 KINDS = ("gateway", "encoder", "index")
 
 request_log = logging.getLogger(REQUEST_LOGGER)
