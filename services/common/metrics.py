@@ -36,6 +36,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from services.common.limits import same_kind
+
 REQUEST_LOGGER = "semsearch.requests"
 LOG_FORMATS = ("text", "json")
 # gRPC calls take from well under a millisecond (index) to seconds (a batch of images on the encoder)
@@ -191,8 +193,6 @@ class RequestObserver(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return handler
-        from services.common.limits import same_kind  # limits imports nothing of ours: no cycle
-
         method = handler_call_details.method
         behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
         observe = self._observe
