@@ -11,11 +11,13 @@ import io
 import json
 import logging
 import threading
+import time
 import urllib.request
 from contextlib import contextmanager
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
 from semsearch.v1 import (encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2,
@@ -52,6 +54,24 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def value(samples, name: str, **labels) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
+
+
+REFLECTION = dict(grpc_service="grpc.reflection.v1alpha.ServerReflection", grpc_method="ServerReflectionInfo")
+
+
+def reflection_calls(samples) -> float:
+    """Reflection streams finished: OK, or CANCELLED when the client closed its channel first."""
+    return sum(value(samples, "grpc_server_handled_total", **REFLECTION, grpc_code=code) or 0
+               for code in ("OK", "CANCELLED"))
+
+
+def scrape_until(port: int, done, timeout: float = 30.0):
+    """Scrape until `done(samples)`: for what a server thread records after the client has its answer."""
+    deadline = time.monotonic() + timeout
+    while not done(samples := scrape(port)):
+        assert time.monotonic() < deadline, "the metrics never showed it"
+        time.sleep(0.01)
+    return samples
 
 
 @pytest.fixture()
@@ -102,7 +122,10 @@ def test_gateway_counts_times_and_logs_every_call(fake_downstream, request_lines
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Search(gateway_pb2.SearchRequest(text="cat", k=0), timeout=10)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        samples = scrape(telemetry.port)
+            # a streaming call (server reflection: a request stream and a response stream)
+            assert GATEWAY in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        # the reflection stream ends when its channel closes, on a server thread: wait until it is counted
+        samples = scrape_until(telemetry.port, lambda found: reflection_calls(found) == 1)
         lines = request_lines()
 
     handled = "grpc_server_handled_total"
@@ -113,6 +136,7 @@ def test_gateway_counts_times_and_logs_every_call(fake_downstream, request_lines
     assert value(samples, "grpc_server_handling_seconds_bucket", grpc_service=GATEWAY, grpc_method="Search",
                  le="+Inf") == 2
     assert value(samples, "grpc_server_in_flight", grpc_service=GATEWAY, grpc_method="Search") == 0
+    assert value(samples, "grpc_server_in_flight", **REFLECTION) == 0
     # the hops: one text encoding, two index searches (the refused call reached neither)
     assert value(samples, "semsearch_downstream_seconds_count", hop="encoder", grpc_method="EncodeText",
                  grpc_code="OK") == 1

@@ -158,9 +158,12 @@ class _VectorsCollector:
 
 def _status(context: grpc.ServicerContext, error: BaseException | None) -> str:
     code = context.code()
-    if code is None:
-        return "OK" if error is None else "UNKNOWN"
-    return code.name
+    if code is not None:
+        return code.name
+    if error is None:
+        return "OK"
+    # a stream closed under us (the client cancelled or went away): the call ended first
+    return "CANCELLED" if isinstance(error, GeneratorExit) or not context.is_active() else "UNKNOWN"
 
 
 class RequestObserver(grpc.ServerInterceptor):
