@@ -22,6 +22,10 @@ GATEWAY_PORT ?= 50050
 ENCODER_PORT ?= 50051
 INDEX_PORT ?= 50052
 WEB_PORT ?= 8080
+GATEWAY_METRICS_PORT ?= 9464
+ENCODER_METRICS_PORT ?= 9465
+INDEX_METRICS_PORT ?= 9466
+LOG_FORMAT ?= text
 CHROMIUM := /usr/bin/chromium
 RUN := run
 DEMO_IMAGE ?= $(firstword $(wildcard $(abspath ../shared/data/imagenet200)/dog/*.jpg) $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
@@ -75,11 +79,14 @@ batch-train: setup
 serve: setup stop
 	@mkdir -p $(RUN)
 	@setsid nohup $(PY) -m services.index.server --host $(HOST) --port $(INDEX_PORT) --artifacts $(ARTIFACTS) \
+		--metrics-port $(INDEX_METRICS_PORT) --log-format $(LOG_FORMAT) \
 		> $(RUN)/index.log 2>&1 < /dev/null & echo $$! > $(RUN)/index.pid
 	@setsid nohup $(PY) -m services.encoder.server --host $(HOST) --port $(ENCODER_PORT) --artifacts $(ARTIFACTS) \
+		--metrics-port $(ENCODER_METRICS_PORT) --log-format $(LOG_FORMAT) \
 		> $(RUN)/encoder.log 2>&1 < /dev/null & echo $$! > $(RUN)/encoder.pid
 	@setsid nohup $(PY) -m services.gateway.server --host $(HOST) --port $(GATEWAY_PORT) \
 		--encoder $(HOST):$(ENCODER_PORT) --index $(HOST):$(INDEX_PORT) \
+		--metrics-port $(GATEWAY_METRICS_PORT) --log-format $(LOG_FORMAT) \
 		> $(RUN)/gateway.log 2>&1 < /dev/null & echo $$! > $(RUN)/gateway.pid
 	@setsid nohup $(PY) -m services.web.server --host $(HOST) --port $(WEB_PORT) --gateway $(HOST):$(GATEWAY_PORT) \
 		> $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid
@@ -89,6 +96,7 @@ serve: setup stop
 		|| { tail -n 20 $(RUN)/*.log; $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "services up; logs in $(RUN)/; semsearch --gateway $(HOST):$(GATEWAY_PORT) ...; 'make stop' ends them"
 	@echo "the search page: http://$(HOST):$(WEB_PORT)/  (API docs: http://$(HOST):$(WEB_PORT)/docs)"
+	@echo "metrics: http://$(HOST):$(GATEWAY_METRICS_PORT)/metrics (gateway), :$(ENCODER_METRICS_PORT) (encoder), :$(INDEX_METRICS_PORT) (index)"
 
 stop:
 	@for name in web gateway encoder index; do \

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common import wait_ready
+from services.common import metrics, wait_ready
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -42,6 +42,10 @@ def assert_secure(module: str, args) -> None:
     assert args.reflection  # reflection stays on, behind the token at the gateway and mutual TLS elsewhere
 
 
+def admits_only_metrics(rule: dict, metrics_ports: set[int]) -> bool:
+    return bool(rule.get("ports")) and {p["port"] for p in rule["ports"]} <= metrics_ports
+
+
 def parse_probe(command: list[str], port: int):
     """A readiness probe: wait_ready on this container's own port, over mutual TLS."""
     assert command[:3] == ["python", "-m", "services.common.wait_ready"], command
@@ -51,8 +55,13 @@ def parse_probe(command: list[str], port: int):
     return args
 
 
+def semsearch_services(compose: dict) -> dict:
+    """The compose file's own services (the monitoring profile's Prometheus aside)."""
+    return {name: service for name, service in compose["services"].items() if service.get("image") == "semsearch"}
+
+
 def test_compose_file_fits_together():
-    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    services = semsearch_services(yaml.safe_load((DEPLOY / "docker-compose.yml").read_text()))
     parsed = {name: parse_command(service["command"]) for name, service in services.items()}
     assert all(args.host == "0.0.0.0" for _, args in parsed.values())
     shards = {args.shard: name for name, (module, args) in parsed.items()
@@ -171,10 +180,21 @@ def test_kubernetes_network_policy_lets_only_the_gateway_reach_encoder_and_index
         peers = rule.get("from")
         return not peers or (source is not None and {"podSelector": {"matchLabels": {"app": source}}} in peers)
 
+    metrics_ports = set(metrics.DEFAULT_PORTS.values())
+    for app in apps:  # the metrics ports are open to Prometheus' namespace only, and nothing else is
+        for rule in rules_for(app):
+            if rule.get("ports") and {p["port"] for p in rule["ports"]} <= metrics_ports:
+                assert rule["from"] == [{"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": "monitoring"}}}], app
     for app in apps - {"gateway", "web"}:
-        rules = rules_for(app)
+        rules = [rule for rule in rules_for(app) if not admits_only_metrics(rule, metrics_ports)]
         assert rules and all(rule["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}] for rule in rules), app
     deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+    for name, deployment in deployments.items():  # Prometheus reaches each gRPC service's metrics port
+        if name != "web":
+            metrics_port = deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+            assert any(rule.get("ports") and int(metrics_port) in {p["port"] for p in rule["ports"]}
+                       for rule in rules_for(name)), name
     port = {name: d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
             for name, d in deployments.items()}
     assert any(admits(rule, "web", port["gateway"]) for rule in rules_for("gateway")), "web pods reach the gateway"
@@ -185,3 +205,62 @@ def test_kubernetes_network_policy_lets_only_the_gateway_reach_encoder_and_index
 def test_dockerfile_copies_what_exists(line):
     *sources, _ = line.split()[1:]
     assert all((REPO / source).exists() for source in sources), line
+
+
+KIND_OF = {"services.gateway.server": "gateway", "services.encoder.server": "encoder", "services.index.server": "index"}
+METRIC_NAME = re.compile(r"\b(?:grpc_server|semsearch)_\w+")
+
+
+def test_grpc_services_serve_metrics_on_their_ports_everywhere():
+    """Compose, Kubernetes and `make serve`: gateway 9464, encoder 9465, index 9466; the scrape settings
+    name exactly those targets."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = semsearch_services(compose)
+    compose_ports = {}
+    for name, service in services.items():
+        module, args = parse_command(service["command"])
+        if module in KIND_OF:
+            assert args.metrics_port == metrics.DEFAULT_PORTS[KIND_OF[module]], name
+            compose_ports[name] = args.metrics_port
+    prometheus = compose["services"]["prometheus"]  # optional, with its own profile; its UI on loopback only
+    assert prometheus["profiles"] == ["monitoring"] and all(p.startswith("127.0.0.1:") for p in prometheus["ports"])
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "backend" in prometheus["networks"]
+    scraped = {}
+    for job in yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]:
+        for sd in job["dns_sd_configs"]:
+            scraped.update((name, sd["port"]) for name in sd["names"])
+    assert scraped == compose_ports
+
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "semsearch.yaml").read_text()))
+    for deployment in (d for d in documents if d["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        module, args = parse_command(container["command"] + container["args"])
+        if module not in KIND_OF:
+            continue
+        port = metrics.DEFAULT_PORTS[KIND_OF[module]]
+        assert args.metrics_port == port and {"containerPort": port, "name": "metrics"} in container["ports"]
+        assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)}
+    kubernetes_job = yaml.safe_load((DEPLOY / "kubernetes" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert kubernetes_job["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["semsearch"]
+
+    makefile = (REPO / "Makefile").read_text()
+    for kind, port in metrics.DEFAULT_PORTS.items():
+        assert f"{kind.upper()}_METRICS_PORT ?= {port}" in makefile
+        assert f"--metrics-port $({kind.upper()}_METRICS_PORT)" in makefile
+
+
+def test_dashboard_queries_only_metrics_the_services_register():
+    """Every metric a panel queries is one the services expose, and every one they expose has a panel."""
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in METRIC_NAME.findall(expr)}
+    registered = metrics.all_metric_names()
+    assert used and used <= registered, used - registered
+    families = {name for name in registered if not name.endswith(("_bucket", "_count", "_sum", "_created"))}
+    uncovered = {f for f in families if not any(u == f or u.startswith(f + "_") for u in used)}
+    assert not uncovered, uncovered
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])

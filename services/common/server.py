@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from services.common import artifact, security
 from services.common.errors import quoted
 from services.common.limits import CallLimits, Limits
+from services.common import metrics
+from services.common.metrics import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ class Loading:
     failed load). That costs the memory of a second version, never of a third.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, telemetry: Telemetry | None = None):
         self.name = name
+        self.telemetry = telemetry
         self.core = None
         self.error: BaseException | None = None
         self._previous = None
@@ -69,8 +72,11 @@ class Loading:
 
     def install(self, core) -> None:
         """Make `core` current; the current one becomes the previous, kept until the next switch."""
+        first = self.core is None
         self._previous, self.core = self.core, core
         _refresh(core)
+        if self.telemetry is not None:
+            self.telemetry.loaded(core.version, first)
 
 
 def _refresh(core) -> None:
@@ -89,20 +95,24 @@ def grpc_server(
     tls: security.ServerTls | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     limits: Limits | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Iterator[tuple[grpc.Server, int, health.HealthServicer]]:
     """Start a server with the given servicers, health (NOT_SERVING) and reflection; stop it on exit.
 
     `add_servicers` registers the servicers and returns their full service names. With `tls` the port
     speaks TLS only (mutual TLS when it names a client CA); `interceptors` (authentication) run before
-    every handler, then the call limits (see `services.common.limits`).
+    every handler, then the call limits (see `services.common.limits`). `telemetry` measures (and
+    logs) every call, the refused ones too, and serves the metrics on `host` while the server runs.
     """
     limits = limits or Limits()
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    observer = telemetry.interceptor() if telemetry is not None else None
+    interceptors = [*([observer] if observer else []), *interceptors, CallLimits(limits)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=options,
-                         interceptors=[*interceptors, CallLimits(limits)], maximum_concurrent_rpcs=limits.max_open)
+                         interceptors=interceptors, maximum_concurrent_rpcs=limits.max_open)
     names = add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -116,10 +126,14 @@ def grpc_server(
     server.start()
     log.info("listening on %s:%d%s (%s)", host, bound, " with TLS" if tls else "", ", ".join(names))
     try:
+        if telemetry is not None:
+            telemetry.start(host)
         yield server, bound, health_servicer
     finally:
         health_servicer.enter_graceful_shutdown()
         server.stop(GRACE_SECONDS).wait()
+        if telemetry is not None:
+            telemetry.stop()
 
 
 @contextmanager
@@ -134,6 +148,7 @@ def serve_when_loaded(
     tls: security.ServerTls | None = None,
     reload_seconds: float = RELOAD_SECONDS,
     limits: Limits | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Iterator[tuple[grpc.Server, int]]:
     """A server whose core loads in the background: UNAVAILABLE and NOT_SERVING until it has.
 
@@ -141,14 +156,15 @@ def serve_when_loaded(
     the artifact root's `current` link is checked, and a newly published version is loaded beside
     the serving one and switched to once whole, without a restart.
     """
-    loading = Loading(service.rsplit(".", 1)[-1])
+    loading = Loading(service.rsplit(".", 1)[-1], telemetry)
 
     def add(server: grpc.Server) -> list[str]:
         register(server, loading)
         return [service]
 
     stop = threading.Event()
-    with grpc_server(port, add, host=host, tls=tls, limits=limits) as (server, bound, health_servicer):
+    with grpc_server(port, add, host=host, tls=tls, limits=limits,
+                     telemetry=telemetry) as (server, bound, health_servicer):
         follower = threading.Thread(
             target=follow_artifacts, name=f"load-{loading.name}", daemon=True,
             args=(loading, artifacts, load, lambda: set_serving(health_servicer, [service], True),
@@ -188,6 +204,7 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
         on_ready()
     except Exception as error:  # reported through UNAVAILABLE, the log and on_failure
         loading.error = error
+        _count_failure(loading)
         log.exception("%s failed to load", loading.name)
         if on_failure is not None:
             on_failure(error)
@@ -207,6 +224,7 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
             else:
                 _refresh(loading.core)
         except Exception:  # the serving version stays; this one is tried again after a back-off
+            _count_failure(loading)
             failures = failures + 1 if directory == failed else 1
             failed = directory
             retry_at = time.monotonic() + min(reload_seconds * 2 ** failures, RETRY_SECONDS_MAX)
@@ -214,9 +232,14 @@ def follow_artifacts(loading: Loading, artifacts: str | Path, load: Callable[[Pa
                           loading.name, directory, failures, loading.core.version)
 
 
-def start_entry_point(service: str, artifacts: str | None = None) -> None:
+def _count_failure(loading: Loading) -> None:
+    if loading.telemetry is not None:
+        loading.telemetry.load_failed()
+
+
+def start_entry_point(service: str, artifacts: str | None = None, log_format: str = "text") -> None:
     """What every service's main() does first: log to stderr, few malloc arenas, fail fast without an artifact."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics.configure_logging(log_format)
     limit_malloc_arenas()
     if artifacts is not None:
         try:

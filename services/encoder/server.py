@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -15,6 +16,7 @@ import grpc
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common import bounds
 from services.common import limits as limits_module
+from services.common import metrics
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
@@ -34,8 +36,9 @@ def _vector(values) -> encoder_pb2.Vector:
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
-    def __init__(self, loading: common.Loading):
+    def __init__(self, loading: common.Loading, telemetry: metrics.Telemetry):
         self.loading = loading
+        self.telemetry = telemetry
 
     def EncodeText(self, request, context):
         core: EncoderCore = self.loading.get(context, request.artifact_version)
@@ -70,8 +73,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     def _encode(self, images: list[bytes], version: str, mode: str, context):
         core: EncoderCore = self.loading.get(context, version)
+        start = time.perf_counter()
         try:
-            return core.encode_images(images, mode or None), core.version
+            vectors = core.encode_images(images, mode or None)
+            self.telemetry.encoded_images(len(images), time.perf_counter() - start)
+            return vectors, core.version
         except (ImageError, UnknownModeError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -80,20 +86,24 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int = 0,
                on_load_failure=None, tls: security.ServerTls | None = None,
                reload_seconds: float = common.RELOAD_SECONDS, decode_slots: int = DECODE_SLOTS,
-               limits: Limits | None = None) -> Iterator[tuple[grpc.Server, int]]:
+               limits: Limits | None = None,
+               telemetry: metrics.Telemetry | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the encoder on `port` (0 picks a free one); health turns SERVING once the model has loaded.
 
     At most `decode_slots` images are decoded at once, whatever the number of calls (every artifact
     version shares them), which bounds the memory that decoding can take.
     With `tls` it speaks TLS only (mutual TLS when `tls` names a client CA). A newly published
     artifact is switched to without a restart (checked every `reload_seconds`; 0: never).
+    `telemetry`: metrics and request logs (default: recorded, not served).
     """
+    telemetry = telemetry or metrics.Telemetry("encoder")
     slots = threading.BoundedSemaphore(max(1, decode_slots))
     with common.serve_when_loaded(
         port, host, SERVICE,
-        lambda server, loading: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(loading), server),
+        lambda server, loading: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(loading, telemetry),
+                                                                               server),
         artifacts, lambda directory: EncoderCore(directory, threads=threads, decode_slots=slots), on_load_failure,
-        tls=tls, reload_seconds=reload_seconds, limits=limits,
+        tls=tls, reload_seconds=reload_seconds, limits=limits, telemetry=telemetry,
     ) as running:
         yield running
 
@@ -110,16 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     limits_module.add_limit_arguments(parser)
     security.add_server_tls_arguments(parser)
     common.add_reload_argument(parser)
+    metrics.add_telemetry_arguments(parser, "encoder")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    common.start_entry_point("encoder", args.artifacts)
+    common.start_entry_point("encoder", args.artifacts, args.log_format)
     tls = security.or_exit("encoder", security.server_tls_from_args, args)
     sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, args.threads, tls=tls,
                                   reload_seconds=args.reload_seconds, decode_slots=args.decode_slots,
-                                  limits=limits_module.limits_from_args(args)))
+                                  limits=limits_module.limits_from_args(args),
+                                  telemetry=metrics.telemetry_from_args(args, "encoder")))
 
 
 if __name__ == "__main__":

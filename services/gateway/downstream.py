@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.v1 import encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import security
+from services.common.metrics import Telemetry
 from services.common import server as common
 from services.common.shards import merge, shard_of
 
@@ -87,15 +88,18 @@ class Downstream:
     """Long-lived channels to the encoder, the index (words, and images unless sharded) and image shards."""
 
     def __init__(self, encoder_address: str, index_address: str, timeout: float,
-                 image_shard_addresses: list[str] | None = None, tls: security.ClientTls | None = None):
+                 image_shard_addresses: list[str] | None = None, tls: security.ClientTls | None = None,
+                 telemetry: Telemetry | None = None):
         self.timeout = timeout
         self.addresses = {"encoder": encoder_address, "index": index_address}
         self.shard_addresses = list(image_shard_addresses or [])
         self.channels = {name: channel(address, tls) for name, address in self.addresses.items()}
         self.shard_channels = [channel(address, tls) for address in self.shard_addresses]
-        self.encoder = encoder_pb2_grpc.EncoderStub(self.channels["encoder"])
-        self.index = index_pb2_grpc.IndexStub(self.channels["index"])
-        self.shards = [index_pb2_grpc.IndexStub(ch) for ch in self.shard_channels]
+        # the stubs' calls are timed per hop (the health checks below are not)
+        self.encoder = encoder_pb2_grpc.EncoderStub(_timed(self.channels["encoder"], telemetry, "encoder"))
+        self.index = index_pb2_grpc.IndexStub(_timed(self.channels["index"], telemetry, "index"))
+        self.shards = [index_pb2_grpc.IndexStub(_timed(ch, telemetry, f"index-shard-{number}"))
+                       for number, ch in enumerate(self.shard_channels)]
 
     def deadline(self, context: grpc.ServicerContext) -> float:
         """Our timeout, or what is left of the caller's deadline if that is sooner."""
@@ -186,6 +190,11 @@ class Downstream:
     def close(self) -> None:
         for ch in [*self.channels.values(), *self.shard_channels]:
             ch.close()
+
+
+def _timed(ch: grpc.Channel, telemetry: Telemetry | None, hop: str) -> grpc.Channel:
+    timer = telemetry.channel_interceptor(hop) if telemetry is not None else None
+    return ch if timer is None else grpc.intercept_channel(ch, timer)
 
 
 def abort_for(error: grpc.RpcError, downstream: str, context: grpc.ServicerContext):

@@ -15,6 +15,7 @@ import grpc
 from semsearch.v1 import encoder_pb2, gateway_pb2, gateway_pb2_grpc, index_pb2
 from services.common import bounds
 from services.common import limits as limits_module
+from services.common import metrics
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
@@ -244,14 +245,17 @@ def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.E
 def run_server(port: int, encoder_address: str, index_address: str, host: str = "127.0.0.1",
                timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None,
                tls: security.ServerTls | None = None, downstream_tls: security.ClientTls | None = None,
-               tokens: list[str] | None = None, limits: Limits | None = None) -> Iterator[tuple[grpc.Server, int]]:
+               tokens: list[str] | None = None, limits: Limits | None = None,
+               telemetry: metrics.Telemetry | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the gateway on `port` (0 picks a free one); SERVING while every downstream service is.
 
     Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
     `tls` secures this server, `downstream_tls` the calls to the encoder and index; with `tokens`,
-    every call but health needs `authorization: Bearer <one of them>` (reflection too).
+    every call but health needs `authorization: Bearer <one of them>` (reflection too). `telemetry`:
+    metrics (each downstream hop timed too) and request logs (default: none).
     """
-    downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls)
+    telemetry = telemetry or metrics.Telemetry("gateway")
+    downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls, telemetry)
     servicer = GatewayServicer(downstream)
 
     def add(server: grpc.Server) -> list[str]:
@@ -261,7 +265,7 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
     stop = threading.Event()
     interceptors = [security.BearerTokenInterceptor(tokens)] if tokens else []
     with common.grpc_server(port, add, host=host, tls=tls, interceptors=interceptors,
-                            limits=limits) as (server, bound, health_servicer):
+                            limits=limits, telemetry=telemetry) as (server, bound, health_servicer):
         watcher = threading.Thread(target=_watch_downstream, args=(downstream, health_servicer, stop),
                                    name="gateway-health", daemon=True)
         watcher.start()
@@ -289,19 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_client_tls_arguments(parser, "downstream-", "DOWNSTREAM_", "the encoder and index")
     security.add_token_arguments(parser)
     limits_module.add_limit_arguments(parser)
+    metrics.add_telemetry_arguments(parser, "gateway")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    common.start_entry_point("gateway")
+    common.start_entry_point("gateway", log_format=args.log_format)
     stop = threading.Event()
     shards = args.image_shard or os.environ.get("IMAGE_SHARDS", "").split()
     tls = security.or_exit("gateway", security.server_tls_from_args, args)
     downstream_tls = security.or_exit("gateway", security.client_tls_from_args, args, "downstream-")
     tokens = security.or_exit("gateway", security.tokens_from_args, args)
     with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards,
-                    tls=tls, downstream_tls=downstream_tls, tokens=tokens, limits=limits_module.limits_from_args(args)):
+                    tls=tls, downstream_tls=downstream_tls, tokens=tokens, limits=limits_module.limits_from_args(args),
+                    telemetry=metrics.telemetry_from_args(args, "gateway")):
         common.wait_for_signal(stop)
 
 

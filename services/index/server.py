@@ -16,6 +16,7 @@ from semsearch.v1 import index_pb2, index_pb2_grpc
 from services.common import artifact
 from services.common import bounds
 from services.common import limits as limits_module
+from services.common import metrics
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
@@ -59,8 +60,9 @@ def _live_images(indexes: IndexSet) -> LiveImages:
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
-    def __init__(self, loading: common.Loading):
+    def __init__(self, loading: common.Loading, telemetry: metrics.Telemetry):
         self.loading = loading
+        self.telemetry = telemetry
 
     def Search(self, request, context):
         indexes: IndexSet = self.loading.get(context, request.artifact_version)
@@ -114,6 +116,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except OSError as error:
             _abort_unwritable(error, context)
+        self.telemetry.live_added.inc(len(ids))
         return index_pb2.IndexAddImagesResponse(ids=ids)
 
     def DeleteImages(self, request, context):
@@ -128,6 +131,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except OSError as error:
             _abort_unwritable(error, context)
+        self.telemetry.live_deleted.inc(deleted)
         return index_pb2.IndexDeleteImagesResponse(deleted=deleted)
 
     def Info(self, request, context):
@@ -150,20 +154,33 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
 def run_server(port: int, artifacts: str, host: str = "127.0.0.1", names: list[str] | None = None,
                shard: int | None = None, on_load_failure=None, tls: security.ServerTls | None = None,
                reload_seconds: float = common.RELOAD_SECONDS,
-               limits: Limits | None = None) -> Iterator[tuple[grpc.Server, int]]:
+               limits: Limits | None = None,
+               telemetry: metrics.Telemetry | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the indexes on `port` (0 picks a free one); health turns SERVING once they have loaded.
 
     `names` limits which indexes load; `shard` serves one shard of each sharded index. With `tls` it
     speaks TLS only (mutual TLS when `tls` names a client CA). A newly published artifact is
-    switched to without a restart (checked every `reload_seconds`; 0: never).
+    switched to without a restart (checked every `reload_seconds`; 0: never). `telemetry`: metrics
+    and request logs (default: recorded, not served).
     """
+    telemetry = telemetry or metrics.Telemetry("index")
+
+    def register(server: grpc.Server, loading: common.Loading) -> None:
+        index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(loading, telemetry), server)
+        telemetry.count_vectors(lambda: _sizes(loading))
+
     with common.serve_when_loaded(
-        port, host, SERVICE,
-        lambda server, loading: index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(loading), server),
+        port, host, SERVICE, register,
         artifacts, lambda directory: load_index_set(directory, names, shard), on_load_failure, tls=tls,
-        reload_seconds=reload_seconds, limits=limits,
+        reload_seconds=reload_seconds, limits=limits, telemetry=telemetry,
     ) as running:
         yield running
+
+
+def _sizes(loading: common.Loading) -> dict[str, int]:
+    """Vectors in each index of the current version (none until it has loaded)."""
+    core = loading.core
+    return {} if core is None else {name: len(index) for name, index in core.indexes.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,16 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_reload_argument(parser)
     limits_module.add_limit_arguments(parser)
     security.add_server_tls_arguments(parser)
+    metrics.add_telemetry_arguments(parser, "index")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    common.start_entry_point("index", args.artifacts)
+    common.start_entry_point("index", args.artifacts, args.log_format)
     names = [name for name in args.indexes.split(",") if name] or None
     tls = security.or_exit("index", security.server_tls_from_args, args)
     sys.exit(common.serve_forever(run_server, args.port, args.artifacts, args.host, names, args.shard, tls=tls,
-                                  reload_seconds=args.reload_seconds, limits=limits_module.limits_from_args(args)))
+                                  reload_seconds=args.reload_seconds, limits=limits_module.limits_from_args(args),
+                                  telemetry=metrics.telemetry_from_args(args, "index")))
 
 
 if __name__ == "__main__":
