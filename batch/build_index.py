@@ -10,6 +10,7 @@ from batch.images import ImageRecord
 from services.common import artifact
 from services.encoder.word_vectors import WordVectors
 from services.common.items import Item
+from services.common.taken import taken
 from services.common.shards import SHARD_DIR, shard_of
 from services.index.core import VectorIndex
 
@@ -22,7 +23,7 @@ def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRe
     `indexes/images/shard-<i>/`, one folder per index process.
     """
     indexes_dir = staging / artifact.INDEXES
-    items = [Item(r.id, r.path, r.label) for r in images]
+    items = [Item(r.id, r.path, r.label, taken(r.path)) for r in images]
     if shards > 1:
         owner = np.asarray([shard_of(item.id, shards) for item in items])
         for shard in range(shards):

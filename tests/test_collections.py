@@ -1,4 +1,4 @@
-"""Filters and pages through the real services: the session artifact's 1,000 CIFAR-10 photos, ids
+"""Filters (label, folder, time) and pages through the real services: the session artifact's 1,000 CIFAR-10 photos, ids
 `<label>/<file>`, searched over gRPC, the CLI and the web API."""
 
 import json
@@ -104,3 +104,16 @@ def test_web_api_filters_and_pages(web, client):
     assert [r["id"] for r in first["results"] + second["results"]] == expected
     bad = get(q="dog", page_token="!!")
     assert bad.status == 400 and "page_token" in bad.json()["error"]
+
+
+def test_a_time_range_through_the_gateway_and_the_cli(services, client, capsys):
+    """Every indexed photo has a time (here its file's: CIFAR-10 JPEGs carry no EXIF)."""
+    everything = [h.id for h in client.search("dog", k=20)]
+    assert [h.id for h in client.search("dog", k=20, after="1971-01-01", before="2999-01-01")] == everything
+    assert client.search("dog", k=20, after="2999-01-01") == []
+    for bad in ({"after": "June"}, {"before": "2024-13-01"}):
+        with pytest.raises(grpc.RpcError) as error:
+            client.search("dog", k=5, **bad)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in error.value.details()
+    assert cli.main(["--gateway", services.gateway, "search", "dog", "--after", "2999-01-01"]) == 0
+    assert "(no results)" in capsys.readouterr().out

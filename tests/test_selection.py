@@ -70,7 +70,7 @@ def test_pages_follow_each_other_without_overlap(big, glove, selection):
     query = glove.vectors[N + 7]
     seen, after = [], None
     for page in range(4):
-        current = Selection(selection.labels, selection.folder, after)
+        current = Selection(selection.labels, selection.folder, cursor=after)
         hits = big.search(query, 10, selection=current)
         assert len(hits) == 10
         seen += [h.item.id for h in hits]
@@ -86,7 +86,7 @@ def test_pages_on_a_brute_force_index_equal_slices_of_one_search(glove):
     query = glove.vectors[3001]
     whole = [h.item.id for h in index.search(query, 30)]
     first = index.search(query, 10)
-    second = index.search(query, 10, selection=Selection(after=Cursor(first[-1].score, first[-1].item.id, 10)))
+    second = index.search(query, 10, selection=Selection(cursor=Cursor(first[-1].score, first[-1].item.id, 10)))
     assert [h.item.id for h in first + second] == whole[:20]
 
 

@@ -1,4 +1,5 @@
-"""The rows of an index's `items.jsonl` in an artifact: an id and, for images, the file and its label."""
+"""The rows of an index's `items.jsonl` in an artifact: an id and, for images, the file, its label and
+when it was taken (services/common/taken.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class Item:
     id: str
     path: str = ""
     label: str | None = None
+    taken: float | None = None  # seconds since 1970
 
 
 def item_to_dict(item: Item) -> dict:
@@ -20,6 +22,8 @@ def item_to_dict(item: Item) -> dict:
         data["path"] = item.path
     if item.label is not None:
         data["label"] = item.label
+    if item.taken is not None:
+        data["taken"] = item.taken
     return data
 
 

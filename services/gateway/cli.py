@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--label", action="append", default=[], dest="labels",
                          help="only images with this label (repeat for any of several)")
         sub.add_argument("--folder", default="", help="only images whose id is under this folder (2024/)")
+        sub.add_argument("--after", default="", help="only images taken on or after this date (2024-06-01)")
+        sub.add_argument("--before", default="", help="only images taken before this date")
         sub.add_argument("--page", type=_page_number, default=1, help="which page of k results (default 1)")
     tag = command("tag", "the nearest words of the whole vocabulary for an image file", 5)
     tag.add_argument("image")
@@ -121,12 +123,14 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, Callable[[
     The page reads and encodes every hit's image, so it is made only when `--html` asks for it."""
     if args.command == "search":
         hits = _nth_page(lambda token: client.search(args.query, k=args.k, min_score=args.min_score, labels=args.labels,
-                                                     folder=args.folder, page_token=token), args.page)
+                                                     folder=args.folder, page_token=token, after=args.after,
+                                                     before=args.before), args.page)
         return image_json(args.query, hits), _image_table(hits), lambda: gallery.render(f"search: {args.query}", hits)
     if args.command == "similar":
         image = _read_image(args.image)
         hits = _nth_page(lambda token: client.similar(image, k=args.k, min_score=args.min_score, labels=args.labels,
-                                                      folder=args.folder, page_token=token), args.page)
+                                                      folder=args.folder, page_token=token, after=args.after,
+                                                      before=args.before), args.page)
         return image_json(args.image, hits), _image_table(hits), \
             lambda: gallery.render(f"similar to {args.image}", hits, query_image=args.image)
     if args.command == "tag":

@@ -60,22 +60,22 @@ class Client:
 
     def search(self, text: str | None = None, *, image: bytes | None = None, k: int = 10,
                min_score: float | None = None, labels: list[str] = (), folder: str = "",
-               page_token: str = "") -> Page:
-        """Images for text or an image; only `labels` (any of them) under `folder` when given;
-        `page_token`: the previous page's `next_page_token`, for the results after it."""
+               page_token: str = "", after: str = "", before: str = "") -> Page:
+        """Images for text or an image; only `labels` (any of them) under `folder`, taken at or `after`
+        and `before` (ISO dates) when given; `page_token`: the previous page's `next_page_token`."""
         if (text is None) == (image is None):
             raise ValueError("search takes text or image bytes, not both")
         request = gateway_pb2.SearchRequest(text=text, image=image, k=k, min_score=min_score, labels=labels,
-                                            folder=folder, page_token=page_token)
+                                            folder=folder, page_token=page_token, after=after, before=before)
         return _image_hits(self.stub.Search(request, timeout=self.timeout))
 
     def similar(self, image: bytes | None = None, *, id: str | None = None, k: int = 10,
                 min_score: float | None = None, labels: list[str] = (), folder: str = "",
-                page_token: str = "") -> Page:
+                page_token: str = "", after: str = "", before: str = "") -> Page:
         if (id is None) == (image is None):
             raise ValueError("similar takes image bytes or an image id, not both")
         request = gateway_pb2.SimilarImagesRequest(image=image, id=id, k=k, min_score=min_score, labels=labels,
-                                                   folder=folder, page_token=page_token)
+                                                   folder=folder, page_token=page_token, after=after, before=before)
         return _image_hits(self.stub.SimilarImages(request, timeout=self.timeout))
 
     def tag(self, image: bytes, k: int = 5, mode: str = "") -> list[WordHit]:

@@ -1,4 +1,5 @@
-"""What part of the image index a Search or SimilarImages request asks for: its filter and its page.
+"""What part of the image index a Search or SimilarImages request asks for: its filter (labels, folder,
+time taken) and its page.
 
 A page token names the artifact version of the first page and the last result given so far; the next
 page is the results ranked after it in that version (the index keeps only those), so pages never
@@ -14,10 +15,11 @@ import math
 from dataclasses import dataclass
 
 from semsearch.v1 import index_pb2
+from services.common.taken import parse_time
 
 
-class BadPageToken(ValueError):
-    pass
+class BadScope(ValueError):
+    """A malformed page token or time bound; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,18 @@ class PageToken:
                     and isinstance(score, (int, float)) and math.isfinite(score) and skipped >= 0):
                 raise TypeError
         except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
-            raise BadPageToken(f"page_token {token[:40]!r} is malformed; pass next_page_token as it came") from None
+            raise BadScope(f"page_token {token[:40]!r} is malformed; pass next_page_token as it came") from None
         return cls(version, float(score), item_id, skipped)
+
+
+def _time(name: str, text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise BadScope(f"{name} {text[:40]!r} is not a date or time; write it as 2024-06-01 or "
+                       "2024-06-01T18:00") from None
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,16 @@ class Scope:
 
     labels: tuple[str, ...] = ()
     folder: str = ""
+    since: float | None = None
+    until: float | None = None
     page: PageToken | None = None
 
     @classmethod
     def of(cls, request) -> "Scope":
-        """From a SearchRequest or SimilarImagesRequest; BadPageToken for a malformed token."""
+        """From a SearchRequest or SimilarImagesRequest; BadScope for a malformed token or time."""
         page = PageToken.decode(request.page_token) if request.page_token else None
-        return cls(tuple(request.labels), request.folder, page)
+        return cls(tuple(request.labels), request.folder, _time("after", request.after),
+                   _time("before", request.before), page)
 
     @property
     def version(self) -> str:
@@ -65,6 +80,10 @@ class Scope:
     def apply(self, request: index_pb2.IndexSearchRequest) -> index_pb2.IndexSearchRequest:
         request.labels.extend(self.labels)
         request.folder = self.folder
+        if self.since is not None:
+            request.taken_since = self.since
+        if self.until is not None:
+            request.taken_until = self.until
         if self.page:
             request.after.CopyFrom(index_pb2.Cursor(score=self.page.score, id=self.page.id, skipped=self.page.skipped))
         return request

@@ -21,7 +21,7 @@ from services.common.limits import Limits
 from services.common import server as common
 from services.common.ids import image_id
 from services.gateway.downstream import Downstream, VersionMismatch
-from services.gateway.paging import BadPageToken, Scope
+from services.gateway.paging import BadScope, Scope
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _min_score(request, context) -> float | None:
 def _scope(request, context) -> Scope:
     try:
         return Scope.of(request)
-    except BadPageToken as error:
+    except BadScope as error:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
 

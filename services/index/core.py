@@ -122,7 +122,7 @@ class VectorIndex:
         self.config = config
         self.searcher = searcher
         self._rows = {item.id: row for row, item in enumerate(items)}
-        self._filters: dict[tuple[frozenset[str], str], np.ndarray] = {}
+        self._filters: dict[tuple, np.ndarray] = {}
         self._filters_lock = threading.Lock()
 
     @classmethod
@@ -200,17 +200,17 @@ class VectorIndex:
                exclude: Collection[str], selection: Selection) -> list[Hit]:
         scores = self.vectors[rows] @ query
         keep = np.ones(len(rows), bool) if min_score is None else scores >= min_score
-        if selection.after is not None:
-            after = selection.after
-            keep &= (scores < after.score) | ((scores == after.score) & (self._ids[rows] < after.id.encode()))
+        if selection.cursor is not None:
+            cursor = selection.cursor
+            keep &= (scores < cursor.score) | ((scores == cursor.score) & (self._ids[rows] < cursor.id.encode()))
         rows, scores = rows[keep], scores[keep]
         best = np.argsort(-scores, kind="stable")[:k + len(exclude)]
         return merge([[Hit(self.items[row], score) for row, score in zip(rows[best].tolist(), scores[best].tolist())
                        if self.items[row].id not in exclude]], k)
 
     def matching_rows(self, selection: Selection) -> np.ndarray:
-        """The rows a filter keeps (its label and folder; the cursor needs scores), remembered for a while."""
-        key = (selection.labels, selection.folder)
+        """The rows a filter keeps (label, folder, time; the cursor needs scores), remembered for a while."""
+        key = (selection.labels, selection.folder, selection.since, selection.until)
         found = self._filters.get(key)
         if found is None:
             codes, column = self._label_codes
@@ -219,6 +219,10 @@ class VectorIndex:
                 keep &= np.isin(column, [codes[label] for label in selection.labels if label in codes])
             if selection.folder:
                 keep &= np.char.startswith(self._ids, selection.folder.encode())
+            if selection.since is not None:
+                keep &= self._taken >= selection.since  # unknown (NaN) times never match
+            if selection.until is not None:
+                keep &= self._taken < selection.until
             found = np.flatnonzero(keep)
             with self._filters_lock:
                 if len(self._filters) >= FILTERS_KEPT:
@@ -232,6 +236,10 @@ class VectorIndex:
         codes: dict[str | None, int] = {}
         column = np.fromiter((codes.setdefault(item.label, len(codes)) for item in self.items), np.int32, len(self.items))
         return codes, column
+
+    @cached_property
+    def _taken(self) -> np.ndarray:
+        return np.asarray([np.nan if item.taken is None else item.taken for item in self.items], np.float64)
 
     @cached_property
     def _ids(self) -> np.ndarray:

@@ -20,6 +20,7 @@ from services.common import bounds
 from services.common.errors import listed, quoted
 from services.common.ids import image_id, is_image_id
 from services.common.items import Item
+from services.common.taken import taken
 from services.common.shards import shard_of
 from services.index.core import Hit, InvalidQuery, UnknownId, check_k, check_min_score, merge, unit_query
 from services.index.selection import EVERYTHING, Selection
@@ -127,7 +128,7 @@ class LiveImages:
                 self.pending.add(entry.id)
                 continue
             path = str(self.log.directory / entry.file)
-            added[entry.id] = (Item(entry.id, path, entry.label), np.asarray(entry.vector, dtype=np.float32))
+            added[entry.id] = (Item(entry.id, path, entry.label, taken(path)), np.asarray(entry.vector, dtype=np.float32))
         items = tuple(item for item, _ in added.values())
         vectors = (np.stack([vector for _, vector in added.values()]) if added
                    else np.zeros((0, self.dimension), dtype=np.float32))

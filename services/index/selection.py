@@ -1,4 +1,4 @@
-"""Which items a search may return: a filter by label and folder, and a paging cursor.
+"""Which items a search may return: a filter by label, folder and time taken, and a paging cursor.
 
 Results are ranked by score, then by id, both descending (the order of every merge); a cursor keeps
 only the items ranked after the last one a previous page returned.
@@ -37,25 +37,34 @@ class Cursor:
 class Selection:
     labels: frozenset[str] = frozenset()
     folder: str = ""  # a prefix as folder_prefix gives it
-    after: Cursor | None = None
+    since: float | None = None  # taken at or after (seconds since 1970)
+    until: float | None = None  # taken before
+    cursor: Cursor | None = None
 
     @property
     def filters(self) -> bool:
-        return bool(self.labels or self.folder)
+        return bool(self.labels or self.folder or self.since is not None or self.until is not None)
 
     @property
     def skipped(self) -> int:
-        return self.after.skipped if self.after else 0
+        return self.cursor.skipped if self.cursor else 0
 
     def keeps(self, item: Item, score: float) -> bool:
         return (not self.labels or item.label in self.labels) and item.id.startswith(self.folder) and \
-            (self.after is None or self.after.passes(score, item.id))
+            self.keeps_time(item.taken) and (self.cursor is None or self.cursor.passes(score, item.id))
+
+    def keeps_time(self, taken: float | None) -> bool:
+        if self.since is None and self.until is None:
+            return True
+        return taken is not None and (self.since is None or taken >= self.since) and \
+            (self.until is None or taken < self.until)
 
 
 EVERYTHING = Selection()
 
 
-def selection_problem(labels: list[str], folder: str, after: Cursor | None) -> str | None:
+def selection_problem(labels: list[str], folder: str, cursor: Cursor | None,
+                      times: tuple[float | None, float | None] = (None, None)) -> str | None:
     """What is wrong with a request's filter or cursor, else None."""
     if len(labels) > MAX_LABELS:
         return f"{len(labels)} labels in one filter; the limit is {MAX_LABELS}"
@@ -65,6 +74,8 @@ def selection_problem(labels: list[str], folder: str, after: Cursor | None) -> s
             return problem
     if len(folder) > MAX_FOLDER_CHARS:
         return f"the folder is {len(folder)} characters; the limit is {MAX_FOLDER_CHARS}"
-    if after is not None and (not math.isfinite(after.score) or after.skipped < 0):
+    if cursor is not None and (not math.isfinite(cursor.score) or cursor.skipped < 0):
         return "the paging cursor is malformed"
+    if any(time is not None and not math.isfinite(time) for time in times):
+        return "a time bound is not a finite number"
     return None

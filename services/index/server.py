@@ -42,11 +42,13 @@ def load_index_set(directory: Path, names: list[str] | None = None, shard: int |
 
 
 def _selection(request: index_pb2.IndexSearchRequest) -> Selection:
-    after = Cursor(request.after.score, request.after.id, request.after.skipped) if request.HasField("after") else None
-    problem = selection_problem(list(request.labels), request.folder, after)
+    cursor = Cursor(request.after.score, request.after.id, request.after.skipped) if request.HasField("after") else None
+    since = request.taken_since if request.HasField("taken_since") else None
+    until = request.taken_until if request.HasField("taken_until") else None
+    problem = selection_problem(list(request.labels), request.folder, cursor, (since, until))
     if problem:
         raise InvalidQuery(problem)
-    return Selection(frozenset(request.labels), folder_prefix(request.folder), after)
+    return Selection(frozenset(request.labels), folder_prefix(request.folder), since, until, cursor)
 
 
 def _abort_unwritable(error: OSError, context) -> None:

@@ -34,6 +34,8 @@ TOKEN_COOKIE = "semsearch_token"
 LABEL = "only images with this label (repeat for any of several)"
 FOLDER = "only images whose id is under this folder (2024/)"
 PAGE = "the previous answer's next_page_token, for the results after it"
+AFTER = "only images taken on or after this date or time (2024-06-01, 2024-06-01T18:00; UTC)"
+BEFORE = "only images taken before this date or time"
 STATIC = Path(__file__).parent / "static"
 HEALTH_TIMEOUT = 2.0
 IMAGE_CACHE = "private, max-age=3600"
@@ -157,16 +159,19 @@ def create_app(client: Client, thumbnails: Path) -> FastAPI:
     @app.get("/api/search", response_model=ImageResults, responses=ERRORS)
     def search(request: Request, q: str = Query(description="cat sofa, cat+sofa-dog, cat:2 sofa"),
                k: int = 10, min_score: float | None = None, label: list[str] = Query(default=[], description=LABEL),
-               folder: str = Query(default="", description=FOLDER), page_token: str = Query(default="", description=PAGE)):
+               folder: str = Query(default="", description=FOLDER), page_token: str = Query(default="", description=PAGE),
+               after: str = Query(default="", description=AFTER), before: str = Query(default="", description=BEFORE)):
         """Images for text: the CLI's `search --json` document."""
         return CliJson(image_json(q, gateway(request).search(q, k=k, min_score=min_score, labels=label, folder=folder,
-                                                             page_token=page_token)))
+                                                             page_token=page_token, after=after, before=before)))
 
     @app.post("/api/similar", response_model=ImageResults, responses=ERRORS, openapi_extra=SIMILAR_BODY)
     async def similar(request: Request, k: int = 10, min_score: float | None = None,
                       label: list[str] = Query(default=[], description=LABEL),
                       folder: str = Query(default="", description=FOLDER),
-                      page_token: str = Query(default="", description=PAGE)):
+                      page_token: str = Query(default="", description=PAGE),
+                      after: str = Query(default="", description=AFTER),
+                      before: str = Query(default="", description=BEFORE)):
         """Images similar to an uploaded photo, or to an indexed one given as `{"id": ...}`."""
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -176,11 +181,12 @@ def create_app(client: Client, thumbnails: Path) -> FastAPI:
             if not isinstance(image_id, str):
                 raise ApiError(400, "INVALID_ARGUMENT", "the id must be a string")
             hits = await run_in_threadpool(gateway(request).similar, id=image_id, k=k, min_score=min_score,
-                                           labels=label, folder=folder, page_token=page_token)
+                                           labels=label, folder=folder, page_token=page_token, after=after,
+                                           before=before)
             return CliJson(image_json(image_id, hits))
         data, name = await _upload(request)
         hits = await run_in_threadpool(gateway(request).similar, data, k=k, min_score=min_score, labels=label,
-                                       folder=folder, page_token=page_token)
+                                       folder=folder, page_token=page_token, after=after, before=before)
         return CliJson(image_json(name, hits))
 
     @app.post("/api/tag", response_model=Tags, responses=ERRORS, openapi_extra=UPLOAD_BODY)
