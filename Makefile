@@ -33,7 +33,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train serve stop demo eval capacity bench bench-filters bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index serve stop demo eval capacity bench bench-filters bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -75,6 +75,12 @@ batch-train: setup
 		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS)) \
 		$(if $(BACKBONE_WEIGHTS),--backbone-weights $(BACKBONE_WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(LOSS),--loss $(LOSS)) $(if $(SHARDS),--shards $(SHARDS)) $(if $(OPEN_DATA),--open-data $(OPEN_DATA))
+
+# Make INDEX_DATA searchable with the current artifact's model, no training: only new or changed files are
+# extracted, and the running services switch to the new version without a restart.
+index: setup
+	$(if $(INDEX_DATA),,$(error make index needs INDEX_DATA=DIR))
+	$(PY) -m batch.reindex --index-data $(INDEX_DATA) --artifacts $(ARTIFACTS) --cache $(CACHE)
 
 serve: setup stop
 	@mkdir -p $(RUN)

@@ -17,26 +17,30 @@ from services.index.core import VectorIndex
 
 def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord], words: WordVectors,
                   shards: int = 1) -> dict[str, artifact.IndexInfo]:
-    """Build and save both indexes under `staging/indexes/`; returns their descriptions.
+    """Build and save both indexes under `staging/indexes/`; returns their descriptions."""
+    words_index = VectorIndex.build("words", words.vectors, [Item(word) for word in words.words])
+    words_index.save(staging / artifact.INDEXES / "words")
+    return {"images": build_image_index(staging, image_vectors, images, shards),
+            "words": artifact.IndexInfo(len(words_index), words_index.dimension, 1, dict(words_index.config.__dict__))}
 
-    With `shards` > 1 the image index is split by a hash of each image's id into
-    `indexes/images/shard-<i>/`, one folder per index process.
+
+def build_image_index(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord],
+                      shards: int = 1) -> artifact.IndexInfo:
+    """Build and save the image index under `staging/indexes/images/`; returns its description.
+
+    With `shards` > 1 it is split by a hash of each image's id into `indexes/images/shard-<i>/`, one
+    folder per index process.
     """
-    indexes_dir = staging / artifact.INDEXES
+    folder = staging / artifact.INDEXES / "images"
     items = [Item(r.id, r.path, r.label, taken(r.path)) for r in images]
     if shards > 1:
         owner = np.asarray([shard_of(item.id, shards) for item in items])
         for shard in range(shards):
             rows = np.flatnonzero(owner == shard)
             part = VectorIndex.build("images", image_vectors[rows], [items[row] for row in rows])
-            part.save(indexes_dir / "images" / SHARD_DIR.format(shard))
-        images_index = part
+            part.save(folder / SHARD_DIR.format(shard))
+        index = part
     else:
-        images_index = VectorIndex.build("images", image_vectors, items)
-        images_index.save(indexes_dir / "images")
-    words_index = VectorIndex.build("words", words.vectors, [Item(word) for word in words.words])
-    words_index.save(indexes_dir / "words")
-    return {
-        "images": artifact.IndexInfo(len(items), images_index.dimension, shards, dict(images_index.config.__dict__)),
-        "words": artifact.IndexInfo(len(words_index), words_index.dimension, 1, dict(words_index.config.__dict__)),
-    }
+        index = VectorIndex.build("images", image_vectors, items)
+        index.save(folder)
+    return artifact.IndexInfo(len(items), index.dimension, shards, dict(index.config.__dict__))

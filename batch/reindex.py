@@ -1,0 +1,120 @@
+"""make index: make a folder searchable with the current artifact's model, without training.
+
+The folder is listed (at any depth; the live log folded in, as batch-train does), features come from
+the feature cache and only new or changed files are extracted (Ray Data), every image is embedded in
+the artifact's default mode, and a new artifact version is published: the same model files and word
+index (hard links where the file system allows, else copies) beside a new image index. Files that
+disappeared from the folder are no longer in it. Running services switch to the new version without
+a restart. report.json says how many images were extracted and how many came from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from batch.build_index import build_image_index
+from batch.extract import extract
+from batch.images import list_images
+from batch.publish import new_staging, publish
+from batch.train import ray_options, with_live_updates
+from services.common import artifact
+from services.encoder.head import Head
+from services.encoder.images import Preprocessing
+from services.encoder.modes import FILE as MODES_FILE, ModeParams, Modes
+
+log = logging.getLogger(__name__)
+
+NEW_FOR_EACH_VERSION = {artifact.MANIFEST, artifact.REPORT, artifact.UNREADABLE}
+
+
+def link_or_copy_tree(source: Path, target: Path, leave_out: Path) -> None:
+    """Every file of `source` under `target` (hard links where possible), without the `leave_out` folder
+    and the files each version writes anew."""
+    for directory, subdirs, files in os.walk(source):
+        here = Path(directory)
+        subdirs[:] = [d for d in subdirs if here / d != leave_out]
+        for name in files:
+            if here == source and name in NEW_FOR_EACH_VERSION:
+                continue
+            destination = target / (here / name).relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(here / name, destination)
+            except OSError:
+                shutil.copy2(here / name, destination)
+
+
+def run(artifacts: Path, index_data: Path, cache: Path, batch_size: int = 64, threads_per_actor: int = 1) -> Path:
+    """Publish a version of the current artifact whose image index holds the images of `index_data`."""
+    started = time.perf_counter()
+    current = artifact.resolve(artifacts)
+    manifest = artifact.read_manifest(current)
+    records, live_changes = with_live_updates(list_images(index_data), artifacts)
+    if not records:
+        raise ValueError(f"{index_data}: no images to make searchable")
+    actors = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_actor)
+    extraction = extract(records, manifest.backbone.name, current / artifact.BACKBONE,
+                         Preprocessing.from_dict(manifest.backbone.preprocessing), cache / "features", batch_size,
+                         actors, threads_per_actor)
+    readable = [r for r in records if r.path in extraction.features]
+    if not readable:
+        raise ValueError(f"{index_data}: no readable images to make searchable")
+    modes = Modes.load(current / MODES_FILE, Head.load(current / artifact.HEAD), ModeParams.from_dict(manifest.modes))
+    vectors = modes.embed(np.stack([extraction.features[r.path] for r in readable]))
+    staging = new_staging(artifacts)
+    try:
+        link_or_copy_tree(current, staging, leave_out=current / artifact.INDEXES / "images")
+        images = build_image_index(staging, vectors, readable, manifest.indexes["images"].shards)
+        (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(extraction.unreadable.items())))
+        report = {"images": {"searchable": len(readable), "extracted_now": extraction.extracted,
+                             "from_cache": len(records) - extraction.extracted - len(extraction.unreadable),
+                             "unreadable": len(extraction.unreadable), "live_updates": live_changes},
+                  "model_of": manifest.version, "mode": modes.params.default,
+                  "seconds": {"extract": round(extraction.seconds, 1), "total": round(time.perf_counter() - started, 1)}}
+        (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
+        version = publish(staging, artifacts, replace(
+            manifest, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            data=replace(manifest.data, searchable=str(index_data)), indexes={**manifest.indexes, "images": images}))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    counts = report["images"]
+    print(f"\nindex done in {report['seconds']['total']:.0f} s -> {version} (the model of {manifest.version})\n"
+          f"  images: {counts['searchable']} searchable, {counts['extracted_now']} extracted now, "
+          f"{counts['from_cache']} from cache, {counts['unreadable']} unreadable", flush=True)
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index-data", required=True, type=Path, help="the folder to make searchable")
+    parser.add_argument("--artifacts", type=Path, default=Path(os.environ.get("ARTIFACTS", "artifacts")))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CACHE", ".cache")))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not ray.is_initialized():
+        ray.init(**ray_options(), log_to_driver=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        run(args.artifacts, args.index_data, args.cache)
+    except (ValueError, FileNotFoundError, artifact.ArtifactError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
