@@ -133,7 +133,8 @@ def extract(
             done += len(batch_keys)
             if time.perf_counter() - last_log > 5 or done == len(todo):
                 rate = done / (time.perf_counter() - started)
-                log.info("extracted %d/%d images (%.0f img/s)", done, len(todo), rate)
+                log.info("extracted %d/%d images (%.0f img/s, about %.0f s left)", done, len(todo), rate,
+                         (len(todo) - done) / max(rate, 1e-9))
                 last_log = time.perf_counter()
         result.extracted = done - len(result.unreadable)
     for path, reason in sorted(result.unreadable.items()):
