@@ -27,7 +27,7 @@ from batch.build_index import build_image_index
 from batch.extract import extract
 from batch.images import list_images
 from batch.publish import new_staging, publish
-from batch.train import ray_options, with_live_updates
+from batch.train import run_job, with_live_updates
 from services.common import artifact
 from services.encoder.head import Head
 from services.encoder.images import Preprocessing
@@ -102,19 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", type=Path, default=Path(os.environ.get("ARTIFACTS", "artifacts")))
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CACHE", ".cache")))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not ray.is_initialized():
-        ray.init(**ray_options(), log_to_driver=False)
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    try:
-        run(args.artifacts, args.index_data, args.cache)
-    except (ValueError, FileNotFoundError, artifact.ArtifactError) as error:
-        log.error("%s", error)
-        return 2
-    finally:
-        ray.shutdown()
-    return 0
-
+    return run_job(lambda: run(args.artifacts, args.index_data, args.cache))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -439,20 +439,26 @@ def ray_options() -> dict:
     return {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_job(job) -> int:
+    """A batch job's command line: progress logged, Ray started for it (ray_options) and shut down after;
+    exit status 2 with the reason for a bad option, folder or artifact."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = parse_args(argv)
     if not ray.is_initialized():
         ray.init(**ray_options(), log_to_driver=False)
-    logging.getLogger("ray").setLevel(logging.WARNING)  # this job logs its own progress
+    logging.getLogger("ray").setLevel(logging.WARNING)  # the job logs its own progress
     try:
-        run(options)
+        job()
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2
     finally:
         ray.shutdown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    return run_job(lambda: run(options))
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ class VectorIndex:
         if matching is not None and len(matching) <= max(EXACT_ROWS, EXACT_SHARE * size):
             return self._exact(query, matching, k, min_score, exclude, selection)
         wanted, depth = min(k, size), 1
-        if exclude or selection != EVERYTHING:  # expect left-out items in the top at their rate (at most 90%)
+        everything = selection == EVERYTHING
+        if exclude or not everything:  # expect left-out items in the top at their rate (at most 90%)
             kept = (len(matching) / size if matching is not None else 1.0) * (1 - min(len(exclude) / size, 0.9))
             depth = FILTERED_DEPTH if selection.filters else 1
             wanted = min(math.ceil(depth * (selection.skipped + k + EXCLUDE_SLACK) / kept), size)
@@ -186,9 +187,9 @@ class VectorIndex:
                     below = True
                     break
                 item = self.items[row]
-                if item.id not in exclude and selection.keeps(item, score):
+                if item.id not in exclude and (everything or selection.keeps(item, score)):
                     hits.append(Hit(item, score))
-                    if len(hits) == k and selection == EVERYTHING:
+                    if len(hits) == k and everything:
                         break
             hits = merge([hits], k)
             if len(hits) == k or below or wanted >= size or len(rows) < wanted:
