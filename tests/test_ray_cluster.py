@@ -7,11 +7,13 @@ import sys
 import numpy as np
 import pytest
 
+import batch.train
+from batch.train_head import HeadConfig
 from services.common import artifact
 from services.common.items import read_items
-from tests.conftest import REPO
+from tests.conftest import REPO, train_options
 
-pytestmark = pytest.mark.slow  # two Ray clusters and two batch-train runs: minutes
+pytestmark = pytest.mark.slow  # a two-node Ray cluster and two batch-train runs: minutes
 
 FLAGS = ["--limit-per-label", "20", "--epochs", "3", "--no-quality"]
 
@@ -22,12 +24,14 @@ def run_job(command, tmp_path, name):
     return artifact.resolve(tmp_path / name)
 
 
-def test_two_node_cluster_matches_a_single_node_run(cifar, tmp_path):
+def test_two_node_cluster_matches_a_single_node_run(cifar, ray_runtime, cache_dir, tmp_path):
+    """The cluster run extracts every feature itself (a cache of its own); the single-node run is the
+    same job in the test session's local Ray runtime, with the features that runtime extracted."""
     data = str(cifar / "train")
     clustered = run_job([sys.executable, "-m", "tests.ray_cluster_job", data, str(tmp_path / "cluster"),
                          str(tmp_path / "cache-cluster"), *FLAGS], tmp_path, "cluster")
-    single = run_job([sys.executable, "-m", "batch.train", "--data", data, "--artifacts", str(tmp_path / "single"),
-                      "--cache", str(tmp_path / "cache-single"), *FLAGS], tmp_path, "single")
+    single = batch.train.run(train_options(cifar / "train", tmp_path / "single", cache_dir, limit_per_label=20,
+                                           head=HeadConfig(epochs=3), quality=False))
 
     by_node = json.loads((clustered / artifact.REPORT).read_text())["images"]["extracted_by_node"]
     assert len(by_node) == 2 and sum(by_node.values()) == 200 and min(by_node.values()) > 0, by_node
