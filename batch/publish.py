@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 KEEP_VERSIONS = 3
 
 
+def link_or_copy(source: Path, destination: Path) -> None:
+    """`destination` as a hard link to `source` where the file system allows, else a copy."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def new_staging(root: Path) -> Path:
     """A fresh hidden folder inside `root`, on the same file system, so publishing is one rename."""
     root.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import ray
 from batch.build_index import build_image_index
 from batch.extract import extract
 from batch.images import list_images
-from batch.publish import new_staging, publish
+from batch.publish import link_or_copy, new_staging, publish
 from batch.train import run_job, with_live_updates
 from services.common import artifact
 from services.encoder.head import Head
@@ -47,12 +47,7 @@ def link_or_copy_tree(source: Path, target: Path, leave_out: Path) -> None:
         for name in files:
             if here == source and name in NEW_FOR_EACH_VERSION:
                 continue
-            destination = target / (here / name).relative_to(source)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(here / name, destination)
-            except OSError:
-                shutil.copy2(here / name, destination)
+            link_or_copy(here / name, target / (here / name).relative_to(source))
 
 
 def run(artifacts: Path, index_data: Path, cache: Path, batch_size: int = 64, threads_per_actor: int = 1) -> Path:

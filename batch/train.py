@@ -307,7 +307,7 @@ def write_files(staging: Path, options: Options, onnx_path: Path, training: Trai
         chosen.extras.zero_shot.save(staging / quality.BASELINES / quality.ZERO_SHOT_HEAD)
     if chosen.report:
         (staging / quality.REPORT_MD).write_text(quality.markdown(chosen.report))
-    indexes = build_indexes(staging, image_vectors, extracted.index, words, options.shards)
+    indexes = build_indexes(staging, image_vectors, extracted.index, words, options.shards, options.cache)
     unreadable = extracted.extraction.unreadable
     (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
     return indexes

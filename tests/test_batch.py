@@ -49,6 +49,10 @@ def test_rerun_uses_the_cache_and_moves_current(artifact_root, cache_dir, cifar,
     assert report["images"]["from_cache"] == 10 * TRAIN_PER_LABEL
     assert artifact.resolve(tmp_path / "artifacts") == second != first
     assert first.is_dir()  # the previous version stays for services still using it
+    # The 400,000-word index is built once per word-vector file and linked from the cache after that.
+    words = [second / artifact.INDEXES / "words" / "vectors.npy", first / artifact.INDEXES / "words" / "vectors.npy"]
+    cached = [folder / "vectors.npy" for folder in (cache_dir / "word-indexes").iterdir() if folder.name[0] != "."]
+    assert any(all(c.samefile(w) for w in words) for c in cached)
 
 
 @pytest.fixture
