@@ -26,6 +26,9 @@ GATEWAY_METRICS_PORT ?= 9464
 ENCODER_METRICS_PORT ?= 9465
 INDEX_METRICS_PORT ?= 9466
 LOG_FORMAT ?= text
+# OpenTelemetry spans: otlp, console or none; empty: each service's default (otlp when
+# OTEL_EXPORTER_OTLP_ENDPOINT is set, else none)
+TRACES ?=
 CHROMIUM := /usr/bin/chromium
 RUN := run
 DEMO_IMAGE ?= $(firstword $(wildcard $(abspath ../shared/data/imagenet200)/dog/*.jpg) $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
@@ -85,14 +88,14 @@ index: setup
 serve: setup stop
 	@mkdir -p $(RUN)
 	@setsid nohup $(PY) -m services.index.server --host $(HOST) --port $(INDEX_PORT) --artifacts $(ARTIFACTS) \
-		--metrics-port $(INDEX_METRICS_PORT) --log-format $(LOG_FORMAT) \
+		--metrics-port $(INDEX_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/index.log 2>&1 < /dev/null & echo $$! > $(RUN)/index.pid
 	@setsid nohup $(PY) -m services.encoder.server --host $(HOST) --port $(ENCODER_PORT) --artifacts $(ARTIFACTS) \
-		--metrics-port $(ENCODER_METRICS_PORT) --log-format $(LOG_FORMAT) \
+		--metrics-port $(ENCODER_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/encoder.log 2>&1 < /dev/null & echo $$! > $(RUN)/encoder.pid
 	@setsid nohup $(PY) -m services.gateway.server --host $(HOST) --port $(GATEWAY_PORT) \
 		--encoder $(HOST):$(ENCODER_PORT) --index $(HOST):$(INDEX_PORT) \
-		--metrics-port $(GATEWAY_METRICS_PORT) --log-format $(LOG_FORMAT) \
+		--metrics-port $(GATEWAY_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/gateway.log 2>&1 < /dev/null & echo $$! > $(RUN)/gateway.pid
 	@setsid nohup $(PY) -m services.web.server --host $(HOST) --port $(WEB_PORT) --gateway $(HOST):$(GATEWAY_PORT) \
 		> $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid

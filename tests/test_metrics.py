@@ -148,11 +148,12 @@ def test_gateway_counts_times_and_logs_every_call(fake_downstream, request_lines
     assert all(c["duration_ms"] >= 0 and c["trace_id"] is None and c["service"] == "gateway" for c in calls)
 
 
-def test_metrics_and_request_logs_are_off_unless_asked():
+def test_metrics_and_request_logs_are_off_unless_asked(monkeypatch):
+    monkeypatch.delenv("METRICS_PORT", raising=False)
     telemetry = metrics.Telemetry("gateway")
-    assert telemetry.interceptor() is None and telemetry.channel_interceptor("index") is None
+    assert telemetry.interceptors() == [] and telemetry.channel_interceptors("index") == []
     args = metrics.telemetry_from_args(_parse(["--log-format", "json"]), "gateway")
-    assert args.metrics_port is None and args.interceptor() is not None
+    assert args.metrics_port is None and [type(i) for i in args.interceptors()] == [metrics.RequestObserver]
     assert metrics.telemetry_from_args(_parse(["--metrics-port", "9464"]), "gateway").metrics_port == 9464
 
 
@@ -245,3 +246,4 @@ def test_artifact_switches_and_failed_loads_are_counted(tmp_path):
     assert sample("semsearch_artifact_info", {"service": "encoder", "version": "v1"}) is None
     assert sample("semsearch_artifact_reloads_total") == 1
     assert sample("semsearch_artifact_load_failures_total") == 2
+
