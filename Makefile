@@ -25,6 +25,7 @@ WEB_PORT ?= 8080
 GATEWAY_METRICS_PORT ?= 9464
 ENCODER_METRICS_PORT ?= 9465
 INDEX_METRICS_PORT ?= 9466
+WEB_METRICS_PORT ?= 9467
 LOG_FORMAT ?= text
 # OpenTelemetry spans: otlp, console or none; empty: each service's default (otlp when
 # OTEL_EXPORTER_OTLP_ENDPOINT is set, else none)
@@ -98,14 +99,14 @@ serve: setup stop
 		--metrics-port $(GATEWAY_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/gateway.log 2>&1 < /dev/null & echo $$! > $(RUN)/gateway.pid
 	@setsid nohup $(PY) -m services.web.server --host $(HOST) --port $(WEB_PORT) --gateway $(HOST):$(GATEWAY_PORT) \
-		> $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid
+		--metrics-port $(WEB_METRICS_PORT) > $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid
 	@$(PY) -m services.common.wait_ready --timeout 600 \
 		index=$(HOST):$(INDEX_PORT)@$(RUN)/index.pid encoder=$(HOST):$(ENCODER_PORT)@$(RUN)/encoder.pid \
 		gateway=$(HOST):$(GATEWAY_PORT)@$(RUN)/gateway.pid web=http://$(HOST):$(WEB_PORT)/healthz@$(RUN)/web.pid \
 		|| { tail -n 20 $(RUN)/*.log; $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "services up; logs in $(RUN)/; semsearch --gateway $(HOST):$(GATEWAY_PORT) ...; 'make stop' ends them"
 	@echo "the search page: http://$(HOST):$(WEB_PORT)/  (API docs: http://$(HOST):$(WEB_PORT)/docs)"
-	@echo "metrics: http://$(HOST):$(GATEWAY_METRICS_PORT)/metrics (gateway), :$(ENCODER_METRICS_PORT) (encoder), :$(INDEX_METRICS_PORT) (index)"
+	@echo "metrics: http://$(HOST):$(GATEWAY_METRICS_PORT)/metrics (gateway), :$(ENCODER_METRICS_PORT) (encoder), :$(INDEX_METRICS_PORT) (index), :$(WEB_METRICS_PORT) (web)"
 
 stop:
 	@for name in web gateway encoder index; do \

@@ -49,7 +49,7 @@ LOG_FORMATS = ("text", "json")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # the services' own metrics ports under `make serve` (and the deploy examples)
-DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466}
+DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466, "web": 9467}
 KINDS = ("gateway", "encoder", "index")
 
 request_log = logging.getLogger(REQUEST_LOGGER)
@@ -319,17 +319,24 @@ def telemetry_from_args(args: argparse.Namespace, kind: str) -> Telemetry:
 
 
 def all_metric_names() -> set[str]:
-    """Every series name the services can expose (for the dashboard's test)."""
+    """Every series name the gRPC services can expose (for the dashboard's test)."""
     names = set()
     for kind in KINDS:
         telemetry = Telemetry(kind)
         if kind == "index":
             telemetry.count_vectors(lambda: {"images": 0})
-        for family in telemetry.registry.collect():
-            names.add(family.name)
-            names.update(sample.name for sample in family.samples)
-            if family.type == "histogram":
-                names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
-            if family.type == "counter":
-                names.add(f"{family.name}_total")
+        names |= registry_metric_names(telemetry.registry)
+    return names
+
+
+def registry_metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every series name of `registry`'s metrics, whether or not they have a sample yet."""
+    names = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+        if family.type == "histogram":
+            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
     return names
