@@ -37,7 +37,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train index serve stop demo eval capacity bench bench-filters bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index serve stop demo eval capacity bench bench-filters bench-tracing bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -145,7 +145,7 @@ eval: setup
 capacity: setup
 	$(PY) -m bench.capacity --artifacts $(ARTIFACTS)
 
-# Every speed figure side by side in one run -> BENCHMARKS.md (about 10 minutes on 2 cores).
+# Every speed figure side by side in one run -> BENCHMARKS.md (about 12 minutes on 2 cores).
 bench: setup $(ARTIFACTS)/current
 	$(VENV)/bin/pip install -q -e '.[batch,test,bench]'
 	$(PY) -m bench.run --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/bench.json
@@ -153,6 +153,11 @@ bench: setup $(ARTIFACTS)/current
 # Filtered search inside the index: recall@10 against exact search over the matching rows, and ms/query.
 bench-filters: setup
 	$(PY) -m bench.filters
+
+# What traces cost: text searches on three stacks side by side (traces off, every search traced, one in ten),
+# 3 runs of 10 s each (a few minutes); `make bench` measures it too.
+bench-tracing: setup $(ARTIFACTS)/current
+	$(PY) -m bench.tracing --artifacts $(ARTIFACTS)
 
 # Accuracy against cost per backbone and word-vector set: 4 configurations x 3 head seeds, real batch jobs + eval
 # (about 30 minutes on 2 cores). The findings live in bench/models.md, which bench.report appends to BENCHMARKS.md.
