@@ -25,7 +25,11 @@ WEB_PORT ?= 8080
 GATEWAY_METRICS_PORT ?= 9464
 ENCODER_METRICS_PORT ?= 9465
 INDEX_METRICS_PORT ?= 9466
+WEB_METRICS_PORT ?= 9467
 LOG_FORMAT ?= text
+# OpenTelemetry spans: otlp, console or none; empty: each service's default (otlp when
+# OTEL_EXPORTER_OTLP_ENDPOINT is set, else none)
+TRACES ?=
 CHROMIUM := /usr/bin/chromium
 RUN := run
 DEMO_IMAGE ?= $(firstword $(wildcard $(abspath ../shared/data/imagenet200)/dog/*.jpg) $(wildcard $(SHARED_DATA)/test/ship/0000.jpg) $(wildcard $(CACHE)/cifar10/train/ship/0001.jpg))
@@ -33,7 +37,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train index serve stop demo eval capacity bench bench-filters bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index serve stop demo eval capacity bench bench-filters bench-tracing bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -85,24 +89,24 @@ index: setup
 serve: setup stop
 	@mkdir -p $(RUN)
 	@setsid nohup $(PY) -m services.index.server --host $(HOST) --port $(INDEX_PORT) --artifacts $(ARTIFACTS) \
-		--metrics-port $(INDEX_METRICS_PORT) --log-format $(LOG_FORMAT) \
+		--metrics-port $(INDEX_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/index.log 2>&1 < /dev/null & echo $$! > $(RUN)/index.pid
 	@setsid nohup $(PY) -m services.encoder.server --host $(HOST) --port $(ENCODER_PORT) --artifacts $(ARTIFACTS) \
-		--metrics-port $(ENCODER_METRICS_PORT) --log-format $(LOG_FORMAT) \
+		--metrics-port $(ENCODER_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/encoder.log 2>&1 < /dev/null & echo $$! > $(RUN)/encoder.pid
 	@setsid nohup $(PY) -m services.gateway.server --host $(HOST) --port $(GATEWAY_PORT) \
 		--encoder $(HOST):$(ENCODER_PORT) --index $(HOST):$(INDEX_PORT) \
-		--metrics-port $(GATEWAY_METRICS_PORT) --log-format $(LOG_FORMAT) \
+		--metrics-port $(GATEWAY_METRICS_PORT) --log-format $(LOG_FORMAT) $(if $(TRACES),--traces $(TRACES)) \
 		> $(RUN)/gateway.log 2>&1 < /dev/null & echo $$! > $(RUN)/gateway.pid
 	@setsid nohup $(PY) -m services.web.server --host $(HOST) --port $(WEB_PORT) --gateway $(HOST):$(GATEWAY_PORT) \
-		> $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid
+		--metrics-port $(WEB_METRICS_PORT) > $(RUN)/web.log 2>&1 < /dev/null & echo $$! > $(RUN)/web.pid
 	@$(PY) -m services.common.wait_ready --timeout 600 \
 		index=$(HOST):$(INDEX_PORT)@$(RUN)/index.pid encoder=$(HOST):$(ENCODER_PORT)@$(RUN)/encoder.pid \
 		gateway=$(HOST):$(GATEWAY_PORT)@$(RUN)/gateway.pid web=http://$(HOST):$(WEB_PORT)/healthz@$(RUN)/web.pid \
 		|| { tail -n 20 $(RUN)/*.log; $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "services up; logs in $(RUN)/; semsearch --gateway $(HOST):$(GATEWAY_PORT) ...; 'make stop' ends them"
 	@echo "the search page: http://$(HOST):$(WEB_PORT)/  (API docs: http://$(HOST):$(WEB_PORT)/docs)"
-	@echo "metrics: http://$(HOST):$(GATEWAY_METRICS_PORT)/metrics (gateway), :$(ENCODER_METRICS_PORT) (encoder), :$(INDEX_METRICS_PORT) (index)"
+	@echo "metrics: http://$(HOST):$(GATEWAY_METRICS_PORT)/metrics (gateway), :$(ENCODER_METRICS_PORT) (encoder), :$(INDEX_METRICS_PORT) (index), :$(WEB_METRICS_PORT) (web)"
 
 stop:
 	@for name in web gateway encoder index; do \
@@ -141,7 +145,7 @@ eval: setup
 capacity: setup
 	$(PY) -m bench.capacity --artifacts $(ARTIFACTS)
 
-# Every speed figure side by side in one run -> BENCHMARKS.md (about 10 minutes on 2 cores).
+# Every speed figure side by side in one run -> BENCHMARKS.md (about 12 minutes on 2 cores).
 bench: setup $(ARTIFACTS)/current
 	$(VENV)/bin/pip install -q -e '.[batch,test,bench]'
 	$(PY) -m bench.run --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/bench.json
@@ -149,6 +153,11 @@ bench: setup $(ARTIFACTS)/current
 # Filtered search inside the index: recall@10 against exact search over the matching rows, and ms/query.
 bench-filters: setup
 	$(PY) -m bench.filters
+
+# What traces cost: text searches on three stacks side by side (traces off, every search traced, one in ten),
+# 3 runs of 10 s each (a few minutes); `make bench` measures it too.
+bench-tracing: setup $(ARTIFACTS)/current
+	$(PY) -m bench.tracing --artifacts $(ARTIFACTS)
 
 # Accuracy against cost per backbone and word-vector set: 4 configurations x 3 head seeds, real batch jobs + eval
 # (about 30 minutes on 2 cores). The findings live in bench/models.md, which bench.report appends to BENCHMARKS.md.

@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -94,9 +94,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_services(artifacts: str) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+def running_services(artifacts: str, flags: Sequence[str] = (),
+                     env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
     """Index, encoder and gateway as separate processes on free loopback ports, until SERVING.
 
+    `flags` are given to each of them (e.g. `--traces otlp`), `env` is their environment (default: ours).
     Yields ({"index": address, "encoder": ..., "gateway": ...}, the processes in that order).
     """
     from services.common.wait_ready import wait_serving
@@ -109,8 +111,8 @@ def running_services(artifacts: str) -> Iterator[tuple[dict[str, str], list[subp
         ["services.gateway.server", "--port", port["gateway"], "--encoder", addresses["encoder"],
          "--index", addresses["index"]],
     ]
-    processes = [subprocess.Popen([sys.executable, "-m", *command], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for command in commands]
+    processes = [subprocess.Popen([sys.executable, "-m", *command, *flags], cwd=REPO, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for command in commands]
     try:
         for address in addresses.values():
             wait_serving(address)

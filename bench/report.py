@@ -112,6 +112,8 @@ def markdown(results: dict) -> str:
     ]
     if "web" in results:
         out += web_section(results["web"])
+    if "tracing" in results:
+        out += tracing_section(results["tracing"])
     out += [
         "## 5. Scale: the index with 1,000,000 vectors (GloVe rows mapped to D dimensions, plus noise)",
         "",
@@ -148,3 +150,31 @@ def web_section(web: dict) -> list[str]:
         f"0 errors ({http_run['errors']}: {_verdict(http_run['errors'] == 0)}).",
         "",
     ]
+
+
+def tracing_section(tracing: dict) -> list[str]:
+    """"What traces cost": the same searches on three stacks side by side, traces off, all, one in ten."""
+    medians, spans = tracing["medians"], tracing["spans"]
+    names = {"off": "off (the default: no tracing interceptor)", "all": "every search traced, OTLP export",
+             "tenth": "one search in ten traced (parentbased_traceidratio 0.1)"}
+    runs = len(tracing["runs"]["off"])
+    return [
+        "### What traces cost (OpenTelemetry, OTLP export)",
+        "",
+        f"Text searches (k = 10) from 16 clients in 4 load processes through the gateway, on three stacks of the three "
+        f"services running side by side, {runs} runs each in rotating order; the medians. The traced stacks export "
+        "over OTLP/gRPC to a collector in the bench process that counts the spans; servers, load and collector "
+        "share the 2 cores. CPU: the three server processes' user + system time per search.",
+        "",
+        _table(["traces", "searches/s", "p50 ms", "p99 ms", "server CPU ms/search"],
+               [[names[setting], f"{m['qps']:,}", m["p50_ms"], m["p99_ms"], m["server_cpu_ms_per_query"]]
+                for setting, m in medians.items()]),
+        "",
+        f"Every search traced: **{tracing['qps_ratio_all_to_off']}x** the throughput of traces off, "
+        f"{tracing['server_cpu_ms_per_query_ratio_all_to_off']}x the server CPU per search; one in ten: "
+        f"{tracing['qps_ratio_tenth_to_off']}x and {tracing['server_cpu_ms_per_query_ratio_tenth_to_off']}x. "
+        f"The collector received {spans['received_all']:,} spans from the fully traced stack (about "
+        f"{spans['expected_all']:,} expected: 5 a search), {spans['received_tenth']:,} from the other.",
+        "",
+    ]
+

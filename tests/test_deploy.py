@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from services.common import metrics, wait_ready
+from services.web.metrics import WebMetrics
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -190,11 +191,10 @@ def test_kubernetes_network_policy_lets_only_the_gateway_reach_encoder_and_index
         rules = [rule for rule in rules_for(app) if not admits_only_metrics(rule, metrics_ports)]
         assert rules and all(rule["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}] for rule in rules), app
     deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
-    for name, deployment in deployments.items():  # Prometheus reaches each gRPC service's metrics port
-        if name != "web":
-            metrics_port = deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
-            assert any(rule.get("ports") and int(metrics_port) in {p["port"] for p in rule["ports"]}
-                       for rule in rules_for(name)), name
+    for name, deployment in deployments.items():  # Prometheus reaches each service's metrics port
+        metrics_port = deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+        assert any(rule.get("ports") and int(metrics_port) in {p["port"] for p in rule["ports"]}
+                   for rule in rules_for(name)), name
     port = {name: d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
             for name, d in deployments.items()}
     assert any(admits(rule, "web", port["gateway"]) for rule in rules_for("gateway")), "web pods reach the gateway"
@@ -207,13 +207,14 @@ def test_dockerfile_copies_what_exists(line):
     assert all((REPO / source).exists() for source in sources), line
 
 
-KIND_OF = {"services.gateway.server": "gateway", "services.encoder.server": "encoder", "services.index.server": "index"}
-METRIC_NAME = re.compile(r"\b(?:grpc_server|semsearch)_\w+")
+KIND_OF = {"services.gateway.server": "gateway", "services.encoder.server": "encoder", "services.index.server": "index",
+           "services.web.server": "web"}
+METRIC_NAME = re.compile(r"\b(?:grpc_server|semsearch|http_server)_\w+")
 
 
-def test_grpc_services_serve_metrics_on_their_ports_everywhere():
-    """Compose, Kubernetes and `make serve`: gateway 9464, encoder 9465, index 9466; the scrape settings
-    name exactly those targets."""
+def test_services_serve_metrics_on_their_ports_everywhere():
+    """Compose, Kubernetes and `make serve`: gateway 9464, encoder 9465, index 9466, web 9467; the scrape
+    settings name exactly those targets."""
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = semsearch_services(compose)
     compose_ports = {}
@@ -258,7 +259,7 @@ def test_dashboard_queries_only_metrics_the_services_register():
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     used = {name for expr in expressions for name in METRIC_NAME.findall(expr)}
-    registered = metrics.all_metric_names()
+    registered = metrics.all_metric_names() | metrics.registry_metric_names(WebMetrics().registry)
     assert used and used <= registered, used - registered
     families = {name for name in registered if not name.endswith(("_bucket", "_count", "_sum", "_created"))}
     uncovered = {f for f in families if not any(u == f or u.startswith(f + "_") for u in used)}

@@ -148,12 +148,17 @@ def test_gateway_counts_times_and_logs_every_call(fake_downstream, request_lines
     assert all(c["duration_ms"] >= 0 and c["trace_id"] is None and c["service"] == "gateway" for c in calls)
 
 
-def test_metrics_and_request_logs_are_off_unless_asked():
+def test_metrics_and_request_logs_are_off_unless_asked(monkeypatch):
+    from services.web import server as web_server
+
+    monkeypatch.delenv("METRICS_PORT", raising=False)
     telemetry = metrics.Telemetry("gateway")
-    assert telemetry.interceptor() is None and telemetry.channel_interceptor("index") is None
+    assert telemetry.interceptors() == [] and telemetry.channel_interceptors("index") == []
     args = metrics.telemetry_from_args(_parse(["--log-format", "json"]), "gateway")
-    assert args.metrics_port is None and args.interceptor() is not None
+    assert args.metrics_port is None and [type(i) for i in args.interceptors()] == [metrics.RequestObserver]
     assert metrics.telemetry_from_args(_parse(["--metrics-port", "9464"]), "gateway").metrics_port == 9464
+    assert web_server.build_parser().parse_args([]).metrics_port == 0  # the web service's: off
+    assert web_server.build_parser().parse_args(["--metrics-port", "9467"]).metrics_port == 9467
 
 
 def _parse(argv):
@@ -245,3 +250,39 @@ def test_artifact_switches_and_failed_loads_are_counted(tmp_path):
     assert sample("semsearch_artifact_info", {"service": "encoder", "version": "v1"}) is None
     assert sample("semsearch_artifact_reloads_total") == 1
     assert sample("semsearch_artifact_load_failures_total") == 2
+
+
+def test_web_counts_requests_by_route_template_and_status(services, tmp_path):
+    """The web service over the real gateway, with its metrics on a port of its own."""
+    from urllib.parse import quote
+
+    from services.web import server as web_server
+    from services.web.app import MAX_UPLOAD_BYTES
+    from services.web.metrics import WebMetrics
+    from tests.test_web import declared_only, request
+
+    web_metrics = WebMetrics(metrics_port=0)
+    with web_server.run_server(0, services.gateway, thumbnails=tmp_path, metrics=web_metrics) as (_, port):
+        base = f"http://127.0.0.1:{port}"
+        hit = request(base, "GET", "/api/search?q=cat&k=2").json()["results"][0]
+        assert request(base, "GET", "/api/search?q=qqxzvw").status == 404  # a word not in the vocabulary
+        assert request(base, "GET", "/api/search").status == 400  # no q
+        assert request(base, "GET", "/api/images/" + quote(hit["id"]) + "/thumbnail").status == 200
+        assert request(base, "GET", "/no/such/page/1").status == 404
+        assert request(base, "GET", "/no/such/page/2").status == 404
+        assert declared_only(base, MAX_UPLOAD_BYTES + 1, "image/jpeg").status == 413
+        samples = scrape(web_metrics.port)
+    assert web_metrics.port != port
+
+    def requests(route, status, method="GET"):
+        return value(samples, "http_server_requests_total", route=route, method=method, status=status)
+
+    assert requests("/api/search", "200") == requests("/api/search", "404") == requests("/api/search", "400") == 1
+    assert requests("/api/images/{image_id:path}/thumbnail", "200") == 1
+    # paths no route serves, and bodies refused before routing, share one series: no series per URL
+    assert requests("unmatched", "404") == 2 and requests("unmatched", "413", "POST") == 1
+    assert value(samples, "http_server_request_duration_seconds_count", route="/api/search", method="GET") == 3
+    assert value(samples, "http_server_request_duration_seconds_bucket", route="/api/search", method="GET",
+                 le="+Inf") == 3
+    assert value(samples, "http_server_in_flight") == 0
+

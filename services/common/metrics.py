@@ -20,6 +20,9 @@ Metric names (the `semsearch_` ones are ours; `grpc_server_*` follows go-grpc-pr
   `semsearch_index_live_deleted_total` (index);
 - `semsearch_encoder_images_per_call`, `semsearch_encoder_image_seconds` (encoder): images in each
   image call and the call's time divided by them.
+
+Traces (OpenTelemetry, `services.common.tracing`) come with the same object: give it a tracer
+provider (or `--traces`) and its interceptors open a span per call, and the request log names the trace.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from services.common import tracing
+from services.common.call_status import call_status, split_method
 from services.common.limits import same_kind
 
 REQUEST_LOGGER = "semsearch.requests"
@@ -44,20 +49,22 @@ LOG_FORMATS = ("text", "json")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # the services' own metrics ports under `make serve` (and the deploy examples)
-DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466}
+DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466, "web": 9467}
 KINDS = ("gateway", "encoder", "index")
 
 request_log = logging.getLogger(REQUEST_LOGGER)
 
 
 class Telemetry:
-    """One server's metrics (in its own registry), their HTTP endpoint, and the request log setting.
+    """One server's metrics (in its own registry), their HTTP endpoint, the request log setting and its tracer.
 
     `metrics_port`: None serves no metrics (and the interceptor skips measuring them); 0 picks a free
     port (read `port` once the server has started). `log_format="json"` logs one line per request.
+    `tracer_provider`: where this server's spans go (default: the global provider; no spans, and no
+    tracing interceptors, unless that is an SDK one).
     """
 
-    def __init__(self, kind: str, metrics_port: int | None = None, log_format: str = "text"):
+    def __init__(self, kind: str, metrics_port: int | None = None, log_format: str = "text", tracer_provider=None):
         if kind not in KINDS:
             raise ValueError(f"unknown service kind {kind!r}; one of {', '.join(KINDS)}")
         if log_format not in LOG_FORMATS:
@@ -67,6 +74,7 @@ class Telemetry:
         self.log_json = log_format == "json"
         self.port: int | None = None
         self._http = None
+        self.tracer = tracing.tracer_for(tracer_provider)
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ("grpc_service", "grpc_method")
         self.handled = Counter("grpc_server_handled_total", "gRPC calls finished, by status code",
@@ -120,13 +128,16 @@ class Telemetry:
 
     # -- the HTTP endpoint and the interceptors ----------------------------------------------
 
-    def interceptor(self) -> grpc.ServerInterceptor | None:
-        """The server interceptor, or None when neither metrics nor JSON request logs are on."""
-        return RequestObserver(self) if self.metrics_on or self.log_json else None
+    def interceptors(self) -> list[grpc.ServerInterceptor]:
+        """The server interceptors, outermost first: spans (when tracing), then metrics and request logs
+        (when either is on). None at all when everything is off."""
+        spans = [tracing.ServerSpans(self.tracer)] if self.tracer is not None else []
+        return spans + ([RequestObserver(self)] if self.metrics_on or self.log_json else [])
 
-    def channel_interceptor(self, hop: str) -> grpc.UnaryUnaryClientInterceptor | None:
-        """Times the gateway's calls to `hop`, or None when metrics are off."""
-        return HopTimer(self.downstream, hop) if self.metrics_on else None
+    def channel_interceptors(self, hop: str) -> list[grpc.UnaryUnaryClientInterceptor]:
+        """For the gateway's channel to `hop`: a span per call (when tracing), its time (when metrics are on)."""
+        spans = [tracing.ClientSpans(self.tracer, hop)] if self.tracer is not None else []
+        return spans + ([HopTimer(self.downstream, hop)] if self.metrics_on else [])
 
     def start(self, host: str) -> None:
         """Serve /metrics on `host`:`metrics_port` (nothing when metrics are off)."""
@@ -156,16 +167,6 @@ class _VectorsCollector:
         yield family
 
 
-def _status(context: grpc.ServicerContext, error: BaseException | None) -> str:
-    code = context.code()
-    if code is not None:
-        return code.name
-    if error is None:
-        return "OK"
-    # a stream closed under us (the client cancelled or went away): the call ended first
-    return "CANCELLED" if isinstance(error, GeneratorExit) or not context.is_active() else "UNKNOWN"
-
-
 class RequestObserver(grpc.ServerInterceptor):
     """Counts, times and (JSON) logs every call, unary or streaming, whatever status it ends with.
 
@@ -181,7 +182,7 @@ class RequestObserver(grpc.ServerInterceptor):
     def _for(self, method: str):
         children = self._children.get(method)
         if children is None:
-            service, _, name = method.lstrip("/").rpartition("/")
+            service, name = split_method(method)
             t = self.telemetry
             with self._lock:
                 children = self._children.setdefault(method, (
@@ -232,7 +233,7 @@ class RequestObserver(grpc.ServerInterceptor):
     def _observe(self, method: str, start: float, context, error: BaseException | None) -> None:
         seconds = time.perf_counter() - start
         service, name, latency, gauge, counters = self._for(method)
-        status = _status(context, error)
+        status = call_status(context, error)
         if gauge is not None:
             gauge.dec()
             latency.observe(seconds)
@@ -243,7 +244,7 @@ class RequestObserver(grpc.ServerInterceptor):
         if self.telemetry.log_json:
             request_log.info("%s %s %.3f ms", method, status, seconds * 1000, extra={"fields": {
                 "service": self.telemetry.kind, "method": method, "status": status,
-                "duration_ms": round(seconds * 1000, 3), "trace_id": None}})
+                "duration_ms": round(seconds * 1000, 3), "trace_id": tracing.current_trace_id()}})
 
 
 class HopTimer(grpc.UnaryUnaryClientInterceptor):
@@ -297,33 +298,45 @@ def configure_logging(log_format: str = "text") -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def add_telemetry_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """--metrics-port (default $METRICS_PORT, else off) and --log-format (default $LOG_FORMAT, else text)."""
-    env = os.environ.get
-    parser.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", 0)),
+def add_metrics_port_argument(parser: argparse.ArgumentParser, kind: str) -> None:
+    """--metrics-port (default $METRICS_PORT, else off)."""
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 0)),
                         help="serve Prometheus metrics over HTTP on this port, on --host "
                              f"(`make serve` uses {DEFAULT_PORTS[kind]}; default: $METRICS_PORT, else 0: off)")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("LOG_FORMAT", "text"),
+
+
+def add_telemetry_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    """--metrics-port, --log-format (default $LOG_FORMAT, else text) and --traces (see `tracing`)."""
+    add_metrics_port_argument(parser, kind)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get("LOG_FORMAT", "text"),
                         help="text (default: $LOG_FORMAT, else text), or json: every log line a JSON object, "
                              "and one line per request (method, status, duration_ms, trace_id)")
+    tracing.add_trace_argument(parser)
 
 
 def telemetry_from_args(args: argparse.Namespace, kind: str) -> Telemetry:
-    return Telemetry(kind, args.metrics_port or None, args.log_format)
+    return Telemetry(kind, args.metrics_port or None, args.log_format, tracing.tracer_provider(kind, args.traces))
 
 
 def all_metric_names() -> set[str]:
-    """Every series name the services can expose (for the dashboard's test)."""
+    """Every series name the gRPC services can expose (for the dashboard's test)."""
     names = set()
     for kind in KINDS:
         telemetry = Telemetry(kind)
         if kind == "index":
             telemetry.count_vectors(lambda: {"images": 0})
-        for family in telemetry.registry.collect():
-            names.add(family.name)
-            names.update(sample.name for sample in family.samples)
-            if family.type == "histogram":
-                names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
-            if family.type == "counter":
-                names.add(f"{family.name}_total")
+        names |= registry_metric_names(telemetry.registry)
+    return names
+
+
+def registry_metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every series name of `registry`'s metrics, whether or not they have a sample yet."""
+    names = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+        if family.type == "histogram":
+            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
     return names

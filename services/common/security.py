@@ -205,10 +205,16 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
-                                                             "wait_for_ready", "compression")),
-                   grpc.ClientCallDetails):
-    pass
+class CallDetails(collections.namedtuple("CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                  grpc.ClientCallDetails):
+    """A client call's details, as a client interceptor passes them on."""
+
+
+def add_metadata(details: grpc.ClientCallDetails, pairs) -> grpc.ClientCallDetails:
+    """`details` with the metadata `pairs` ((key, value), ...) added to its own."""
+    return CallDetails(details.method, details.timeout, [*(details.metadata or ()), *pairs], details.credentials,
+                       getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
 
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -219,9 +225,7 @@ class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
         self._header = (AUTHORIZATION, f"Bearer {token}")
 
     def _details(self, details) -> grpc.ClientCallDetails:
-        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._header],
-                            details.credentials, getattr(details, "wait_for_ready", None),
-                            getattr(details, "compression", None))
+        return add_metadata(details, (self._header,))
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)

@@ -101,16 +101,16 @@ def grpc_server(
 
     `add_servicers` registers the servicers and returns their full service names. With `tls` the port
     speaks TLS only (mutual TLS when it names a client CA); `interceptors` (authentication) run before
-    every handler, then the call limits (see `services.common.limits`). `telemetry` measures (and
-    logs) every call, the refused ones too, and serves the metrics on `host` while the server runs.
+    every handler, then the call limits (see `services.common.limits`). `telemetry` measures, logs and
+    traces every call (as far as each is on), the refused ones too, and serves the metrics on `host`.
     """
     limits = limits or Limits()
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    observer = telemetry.interceptor() if telemetry is not None else None
-    interceptors = [*([observer] if observer else []), *interceptors, CallLimits(limits)]
+    observers = telemetry.interceptors() if telemetry is not None else []
+    interceptors = [*observers, *interceptors, CallLimits(limits)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=options,
                          interceptors=interceptors, maximum_concurrent_rpcs=limits.max_open)
     names = add_servicers(server)

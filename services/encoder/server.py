@@ -94,7 +94,8 @@ def run_server(port: int, artifacts: str, host: str = "127.0.0.1", threads: int 
     version shares them), which bounds the memory that decoding can take.
     With `tls` it speaks TLS only (mutual TLS when `tls` names a client CA). A newly published
     artifact is switched to without a restart (checked every `reload_seconds`; 0: never).
-    `telemetry`: metrics and request logs (default: recorded, not served).
+    `telemetry`: metrics, request logs and traces (default: metrics recorded, not served; traces if a
+    global SDK tracer provider is set).
     """
     telemetry = telemetry or metrics.Telemetry("encoder")
     slots = threading.BoundedSemaphore(max(1, decode_slots))

@@ -95,10 +95,10 @@ class Downstream:
         self.shard_addresses = list(image_shard_addresses or [])
         self.channels = {name: channel(address, tls) for name, address in self.addresses.items()}
         self.shard_channels = [channel(address, tls) for address in self.shard_addresses]
-        # the stubs' calls are timed per hop (the health checks below are not)
-        self.encoder = encoder_pb2_grpc.EncoderStub(_timed(self.channels["encoder"], telemetry, "encoder"))
-        self.index = index_pb2_grpc.IndexStub(_timed(self.channels["index"], telemetry, "index"))
-        self.shards = [index_pb2_grpc.IndexStub(_timed(ch, telemetry, f"index-shard-{number}"))
+        # the stubs' calls are timed and traced per hop (the health checks below are not)
+        self.encoder = encoder_pb2_grpc.EncoderStub(_observed(self.channels["encoder"], telemetry, "encoder"))
+        self.index = index_pb2_grpc.IndexStub(_observed(self.channels["index"], telemetry, "index"))
+        self.shards = [index_pb2_grpc.IndexStub(_observed(ch, telemetry, f"index-shard-{number}"))
                        for number, ch in enumerate(self.shard_channels)]
 
     def deadline(self, context: grpc.ServicerContext) -> float:
@@ -192,9 +192,10 @@ class Downstream:
             ch.close()
 
 
-def _timed(ch: grpc.Channel, telemetry: Telemetry | None, hop: str) -> grpc.Channel:
-    timer = telemetry.channel_interceptor(hop) if telemetry is not None else None
-    return ch if timer is None else grpc.intercept_channel(ch, timer)
+def _observed(ch: grpc.Channel, telemetry: Telemetry | None, hop: str) -> grpc.Channel:
+    """`ch` with the telemetry's interceptors for `hop` (a span, a timer), if any are on."""
+    interceptors = telemetry.channel_interceptors(hop) if telemetry is not None else []
+    return grpc.intercept_channel(ch, *interceptors) if interceptors else ch
 
 
 def abort_for(error: grpc.RpcError, downstream: str, context: grpc.ServicerContext):

@@ -252,7 +252,8 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
     Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
     `tls` secures this server, `downstream_tls` the calls to the encoder and index; with `tokens`,
     every call but health needs `authorization: Bearer <one of them>` (reflection too). `telemetry`:
-    metrics (each downstream hop timed too) and request logs (default: none).
+    metrics (each downstream hop timed too), request logs and traces (each hop a span; its context goes
+    downstream in the call's metadata) (default: none, unless a global SDK tracer provider is set).
     """
     telemetry = telemetry or metrics.Telemetry("gateway")
     downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls, telemetry)

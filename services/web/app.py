@@ -25,6 +25,7 @@ from starlette.formparsers import MultiPartException
 from services.gateway.cli import image_json, word_json
 from services.gateway.client import Client
 from services.web import errors, images
+from services.web.metrics import RequestMetrics, WebMetrics
 from services.web.schema import ERRORS, SIMILAR_BODY, UPLOAD_BODY, Error, ImageResults, Tags, Words
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,15 @@ async def _upload(request: Request) -> tuple[bytes, str]:
     return data, name
 
 
-def create_app(client: Client, thumbnails: Path) -> FastAPI:
+def create_app(client: Client, thumbnails: Path, metrics: WebMetrics | None = None) -> FastAPI:
     """The API over `client` (a gateway client; each request may send its own token); thumbnails
-    are cached in `thumbnails`."""
+    are cached in `thumbnails`; `metrics`, when given, counts and times every request."""
     app = FastAPI(title="semsearch", summary="Semantic image search: images for text, similar images, tags, "
                   "similar words", version="1", description="Errors: `{\"error\": ..., \"code\": gRPC code}` "
                   "with 400, 401, 404, 413 or 503.")
     app.add_middleware(BodyLimit)
+    if metrics is not None:  # the outermost: the requests BodyLimit refuses are counted too
+        app.add_middleware(RequestMetrics, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def gateway(request: Request) -> Client:

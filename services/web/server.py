@@ -15,9 +15,11 @@ from typing import Iterator
 import uvicorn
 
 from services.common import security
+from services.common.metrics import add_metrics_port_argument
 from services.common.server import wait_for_signal
 from services.gateway.client import DEFAULT_ADDRESS, Client
 from services.web.app import create_app
+from services.web.metrics import WebMetrics
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +31,18 @@ GATEWAY_TIMEOUT = 30.0
 def run_server(port: int, gateway: str = DEFAULT_ADDRESS, host: str = "127.0.0.1", *,
                thumbnails: Path | None = None, gateway_tls: security.ClientTls | None = None,
                tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None,
-               access_log: bool = False, timeout: float = GATEWAY_TIMEOUT) -> Iterator[tuple[uvicorn.Server, int]]:
+               access_log: bool = False, timeout: float = GATEWAY_TIMEOUT,
+               metrics: WebMetrics | None = None) -> Iterator[tuple[uvicorn.Server, int]]:
     """Serve the page and the API on `port` (0 picks a free one) until the block ends.
 
     `thumbnails` is where thumbnails are cached (default: a temporary folder removed at the end);
     `tls_cert` and `tls_key` (PEM files) make it HTTPS, `tls_client_ca` also requires client
-    certificates. Yields once uvicorn has started listening.
+    certificates. `metrics` counts and times every request and serves them on its own port, on
+    `host` (default: none). Yields once uvicorn has started listening.
     """
     with Client(gateway, timeout=timeout, tls=gateway_tls) as client, \
             tempfile.TemporaryDirectory(prefix="semsearch-thumbnails-") as scratch:
-        app = create_app(client, Path(thumbnails) if thumbnails else Path(scratch))
+        app = create_app(client, Path(thumbnails) if thumbnails else Path(scratch), metrics)
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key, ssl_ca_certs=tls_client_ca,
                                 ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
@@ -53,10 +57,14 @@ def run_server(port: int, gateway: str = DEFAULT_ADDRESS, host: str = "127.0.0.1
         bound = server.servers[0].sockets[0].getsockname()[1]
         log.info("web page and API on %s://%s:%d/ (gateway %s)", "https" if tls_cert else "http", host, bound, gateway)
         try:
+            if metrics is not None:
+                metrics.start(host)
             yield server, bound
         finally:
             server.should_exit = True
             thread.join()
+            if metrics is not None:
+                metrics.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log one line per request (default: off; $ACCESS_LOG turns it on)")
     security.add_server_tls_arguments(parser)
     security.add_client_tls_arguments(parser, "gateway-", "SEMSEARCH_", "the gateway")
+    add_metrics_port_argument(parser, "web")
     return parser
 
 
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                     args.host)
     with run_server(args.port, args.gateway, args.host, thumbnails=Path(args.thumbnails), gateway_tls=gateway_tls,
                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                    access_log=args.access_log, timeout=args.timeout):
+                    access_log=args.access_log, timeout=args.timeout,
+                    metrics=WebMetrics(args.metrics_port) if args.metrics_port else None):
         wait_for_signal(threading.Event())
 
 
