@@ -54,36 +54,57 @@ def phrase_vector(text: str, rows: dict[str, int], vectors: np.ndarray) -> np.nd
     return (mean / norm).astype(np.float32) if norm > 0 else None
 
 
-def _mean_unit(phrases: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray | None:
+def _mean_unit(phrases: list[str], rows: dict[str, int], vectors: np.ndarray) -> np.ndarray:
+    """Unit mean of the phrases' vectors; zero when no phrase has one."""
     found = [v for v in (phrase_vector(p, rows, vectors) for p in phrases) if v is not None]
-    if not found:
-        return None
-    mean = np.mean(found, axis=0)
+    mean = np.mean(found, axis=0) if found else np.zeros(vectors.shape[1])
     norm = np.linalg.norm(mean)
-    return mean / norm if norm > 0 else None
+    return (mean / norm if norm > 0 else mean).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ClassParts:
+    """Each ImageNet class's unit vectors by part: its name (1000, D), its WordNet synonyms (1000, D) and
+    the words of its hypernyms level by level (depth, 1000, D); zero where no word has a vector. Any
+    Enrichment of at most `depth` levels is then a weighted sum of them."""
+
+    name: np.ndarray
+    synonyms: np.ndarray
+    hypernyms: np.ndarray
+
+    def table(self, enrichment: Enrichment = Enrichment()) -> np.ndarray:
+        """(1000, D) unit class vectors; zero rows for classes none of whose words has a vector."""
+        total = self.name.astype(np.float64)
+        if enrichment.synonyms or enrichment.hypernyms:
+            if enrichment.depth > len(self.hypernyms):
+                raise ValueError(f"class parts of {len(self.hypernyms)} levels; {enrichment.depth} asked for")
+            total = total + enrichment.synonyms * self.synonyms
+            for d in range(1, enrichment.depth + 1):
+                total += enrichment.hypernyms * enrichment.decay ** (d - 1) * self.hypernyms[d - 1]
+        norm = np.linalg.norm(total, axis=1, keepdims=True)
+        return np.where(norm > 0, total / np.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
+
+
+def class_parts(rows: dict[str, int], vectors: np.ndarray, wordnet: WordNet | None,
+                depth: int = Enrichment.depth) -> ClassParts:
+    names, wnids = imagenet_classes()
+    dimension = vectors.shape[1]
+    name = np.stack([_mean_unit([n], rows, vectors) for n in names])
+    synonyms = np.zeros((len(names), dimension), np.float32)
+    hypernyms = np.zeros((depth, len(names), dimension), np.float32)
+    for k, wnid in enumerate(wnids if wordnet is not None else ()):
+        levels = wordnet.levels(wnid, depth)
+        synonyms[k] = _mean_unit(levels[0], rows, vectors)
+        for d, words in enumerate(levels[1:], 1):
+            hypernyms[d - 1, k] = _mean_unit(words, rows, vectors)
+    return ClassParts(name, synonyms, hypernyms)
 
 
 def class_table(rows: dict[str, int], vectors: np.ndarray, wordnet: WordNet | None,
                 enrichment: Enrichment = Enrichment()) -> np.ndarray:
-    """(1000, D) unit class vectors; zero rows for classes none of whose words has a vector."""
-    names, wnids = imagenet_classes()
-    table = np.zeros((len(names), vectors.shape[1]), np.float32)
-    for k, (name, wnid) in enumerate(zip(names, wnids)):
-        total = np.zeros(vectors.shape[1], np.float64)
-        parts = [(1.0, [name])]
-        if wordnet is not None and (enrichment.synonyms or enrichment.hypernyms):
-            levels = wordnet.levels(wnid, enrichment.depth)
-            parts.append((enrichment.synonyms, levels[0]))
-            parts += [(enrichment.hypernyms * enrichment.decay ** (d - 1), words)
-                      for d, words in enumerate(levels[1:], 1)]
-        for weight, phrases in parts:
-            vector = _mean_unit(phrases, rows, vectors) if weight > 0 else None
-            if vector is not None:
-                total += weight * vector
-        norm = np.linalg.norm(total)
-        if norm > 0:
-            table[k] = total / norm
-    return table
+    """(1000, D) unit class vectors: the name, its WordNet synonyms and its hypernyms at a weight that
+    falls off with each level; zero rows for classes none of whose words has a vector."""
+    return class_parts(rows, vectors, wordnet, enrichment.depth).table(enrichment)
 
 
 def expansions(wordnet: WordNet, rows: dict[str, int], table: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -273,17 +273,17 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
     """ConSE's class vectors, T and the text queries' expansion weight."""
     candidates = (ENRICHMENTS if open_set is not None else (PLAIN, Enrichment())) if make_table else (None,)
     best, scores = None, {}
+    photos = open_set.features if open_set is not None else trained.features
+    probabilities = modes.probabilities(photos)  # the classifier is the same for every candidate table
     for enrichment in candidates:
         candidate = modes.with_table(*make_table(enrichment)) if enrichment is not None else modes
         for top in TOPS:
+            vectors = candidate.conse(photos, top, probabilities)
             for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
                 if open_set is not None:
-                    expand = candidate.expansion.at(weight)
-                    score = _open_score(candidate.conse(open_set.features, top), open_set, trained.vocabulary,
-                                        expand)
+                    score = _open_score(vectors, open_set, trained.vocabulary, candidate.expansion.at(weight))
                 else:
-                    score = hits(candidate.conse(trained.features, top) @ trained.label_vectors.T, trained.truth,
-                                 (1,))["hit1"]
+                    score = hits(vectors @ trained.label_vectors.T, trained.truth, (1,))["hit1"]
                 scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top} expand {weight}"] = score
                 if best is None or score > best[0] + 1e-9:
                     best = (score, enrichment, top, weight, candidate)

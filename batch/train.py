@@ -23,7 +23,7 @@ import numpy as np
 import ray
 
 from batch import backbones, open_vocab, quality, word_vectors, wordnet
-from batch.class_table import Enrichment, class_table, expansions
+from batch.class_table import ClassParts, Enrichment, class_parts, expansions
 from batch.build_index import build_indexes
 from batch.extract import Extraction, extract
 from batch.images import ImageRecord, labelled, list_images
@@ -105,10 +105,10 @@ def tag_hit_at_1(vectors: np.ndarray, true_words: list[str], words: word_vectors
     return hits / max(1, len(vectors))
 
 
-def _class_vectors(enrichment: Enrichment, rows: dict[str, int], vectors: np.ndarray,
+def _class_vectors(enrichment: Enrichment, parts: ClassParts, rows: dict[str, int],
                    names: wordnet.WordNet) -> tuple[np.ndarray, QueryExpansion]:
     """ConSE's class vectors and the text queries' expansion that goes with them."""
-    table = class_table(rows, vectors, names, enrichment)
+    table = parts.table(enrichment)
     found, expanded = expansions(names, rows, table)
     return table, QueryExpansion(tuple(found), expanded)
 
@@ -250,13 +250,14 @@ def fit_head(options: Options, extracted: Extracted, space: Space) -> Training:
     return Training(trained, train_rows, val_rows, val_tag)
 
 
-def encoder_modes(onnx_path: Path, extracted: Extracted, training: Training, space: Space) -> Modes:
+def encoder_modes(onnx_path: Path, extracted: Extracted, training: Training, space: Space, parts: ClassParts
+                  ) -> Modes:
     """The four encoder modes with their default parameters: the ImageNet classifier, ConSE's class vectors,
     the head and the familiarity of the training photos."""
     train_rows, val_rows = training.train_rows, training.val_rows
     familiarity = Familiarity.fit(extracted.features[train_rows], extracted.label_ids[train_rows],
                                   extracted.features[val_rows] if len(val_rows) else extracted.features[train_rows])
-    table, expansion = _class_vectors(Enrichment(), space.vocabulary.rows, space.words.vectors, space.names)
+    table, expansion = _class_vectors(Enrichment(), parts, space.vocabulary.rows, space.names)
     return build_modes(onnx_path, table, training.trained.head, space.targets, familiarity, expansion)
 
 
@@ -273,7 +274,8 @@ def choose_modes(options: Options, onnx_path: Path, labels: list[str], extracted
                  space: Space) -> Chosen:
     """The extra heads, the mode parameters chosen on validation, and the quality report on it."""
     started = time.perf_counter()
-    modes = encoder_modes(onnx_path, extracted, training, space)
+    parts = class_parts(space.vocabulary.rows, space.words.vectors, space.names)
+    modes = encoder_modes(onnx_path, extracted, training, space, parts)
     open_set = open_set_of(extracted, space)
     extras, mode_params, quality_report = None, modes.params.to_dict(), {}
     val_rows, x, y = training.val_rows, extracted.features, extracted.label_ids
@@ -286,7 +288,7 @@ def choose_modes(options: Options, onnx_path: Path, labels: list[str], extracted
         modes, mode_params = quality.choose(
             modes, labels, space.vocabulary, quality.Photos(x[val_rows], y[val_rows]), extras,
             quality.Photos(x[zs_rows], y[zs_rows]), open_set,
-            lambda enrichment: _class_vectors(enrichment, space.vocabulary.rows, space.words.vectors, space.names))
+            lambda enrichment: _class_vectors(enrichment, parts, space.vocabulary.rows, space.names))
         quality_report = quality.report(modes, x[val_rows], [extracted.train[i].label for i in val_rows], labels,
                                         space.vocabulary, extras, ids=[extracted.train[i].id for i in val_rows])
     seconds = time.perf_counter() - started

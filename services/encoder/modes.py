@@ -172,9 +172,11 @@ class Modes:
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def conse(self, features: np.ndarray, top: int | None = None) -> np.ndarray:
+    def conse(self, features: np.ndarray, top: int | None = None, probabilities: np.ndarray | None = None
+              ) -> np.ndarray:
+        """ConSE's vectors; `probabilities`: the classifier's for `features`, when already at hand."""
         top = top or self.params.top
-        probabilities = self.probabilities(features)
+        probabilities = self.probabilities(features) if probabilities is None else probabilities
         best = np.argsort(-probabilities, axis=1)[:, :top]
         weights = np.take_along_axis(probabilities, best, axis=1)
         return _unit(np.einsum("nt,ntd->nd", weights, self.table[best]))
