@@ -1,6 +1,6 @@
 """What explanations cost: text Search through the gateway with `explain` off and on, side by side in one
-run over the same three services, in alternating rounds so that a drift in the machine's load shows as
-spread, not as a difference. With `--baseline-repo DIR`, a second gateway started from another checkout
+run over the same three services, in rounds whose order rotates, so that a drift in the machine's load
+shows as spread, not as a difference. With `--baseline-repo DIR`, a second gateway started from another checkout
 (its own code and stubs, e.g. the main branch before explanations existed) over the same encoder and
 index joins the rounds with explain off: explain off must cost what the old gateway costs.
 
@@ -60,8 +60,10 @@ def bench(artifacts: str, seconds: float = 10.0, rounds: int = 3, clients: int =
             if baseline:
                 variants["baseline gateway (explain off)"] = ("gateway", baseline)
             runs: dict[str, list[dict]] = {name: [] for name in variants}
-            for number in range(rounds):
-                for name, (kind, address) in variants.items():
+            names = list(variants)
+            for number in range(rounds):  # the order rotates, so that a drifting load weighs on all alike
+                for name in names[number % len(names):] + names[:number % len(names)]:
+                    kind, address = variants[name]
                     log.info("round %d/%d: %s", number + 1, rounds, name)
                     runs[name].append(load(kind, address, seconds, clients, 4))
     results = {name: _summary(found) for name, found in runs.items()}

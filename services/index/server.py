@@ -113,7 +113,9 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                           f"{len(request.vectors)} vectors in one call; the limit is {MAX_IDS}")
         try:
             index = indexes.get(request.index)
-            results = [index.search(vector.values, request.k) for vector in request.vectors]
+            queries = [vector.values for vector in request.vectors]
+            batched = getattr(index, "search_many", None)  # a plain index; live or sharded ones search each
+            results = batched(queries, request.k) if batched else [index.search(q, request.k) for q in queries]
         except InvalidQuery as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except UnknownIndex as error:
