@@ -58,6 +58,8 @@ def test_text_alone_ranks_the_same_with_and_without_explain(stubs):
     assert not any(r.HasField("explanation") for r in plain.results)  # nothing computed unless asked
     assert [(s.term, s.weight) for s in explained.results[0].explanation.shares] == [
         ("dog", 2.0), ("grass", 1.0), ("cat", -1.0)]
+    nothing = gateway.Search(gateway_pb2.SearchRequest(text="dog", k=5, min_score=0.999, explain=True))
+    assert not nothing.results
 
 
 @pytest.mark.parametrize("query", ["dog:2 grass -cat", "img:ship/0000.jpg + water - sky"])
@@ -162,7 +164,7 @@ def test_bad_mixed_queries_get_clear_statuses(stubs, cifar):
         gateway_pb2.QueryTerm(image=photo)]))[0] == grpc.StatusCode.OK
 
 
-def test_the_cli_adds_a_photo_with_like_and_explains(services, cifar, capsys):
+def test_the_cli_adds_a_photo_with_like_and_explains(services, cifar, capsys, tmp_path):
     photo = cifar / "test" / "ship" / "0001.jpg"
     argv = ["--gateway", services.gateway, "search", "water", "--like", str(photo), "--like-weight", "2", "-k", "3"]
     assert cli.main([*argv, "--explain", "--json"]) == 0
@@ -173,9 +175,10 @@ def test_the_cli_adds_a_photo_with_like_and_explains(services, cifar, capsys):
         assert [(s["term"], s["weight"]) for s in explanation["shares"]] == [("water", 1.0), ("0001.jpg", 2.0)]
         assert sum(s["share"] for s in explanation["shares"]) == pytest.approx(result["score"], abs=1e-5)
         assert len(explanation["words"]) == 5
-    assert cli.main([*argv, "--explain"]) == 0
+    assert cli.main([*argv, "--explain", "--html", str(tmp_path / "page.html")]) == 0
     table = capsys.readouterr().out
     assert table.count("= water ") == 3 and table.count("words: ") == 3
+    assert (tmp_path / "page.html").read_text().count("; words: ") == 3
 
 
 def test_the_web_api_takes_like_ids_and_explains(web):

@@ -15,7 +15,9 @@ CLASSES = 3  # nearest ImageNet classes per result
 
 def result_vectors(response: index_pb2.IndexSearchResponse) -> np.ndarray:
     """(results, D) stored vectors of the results, as the index returned them (with_vectors)."""
-    return np.asarray([n.vector.values for n in response.neighbors], np.float32).reshape(len(response.neighbors), -1)
+    if not response.neighbors:
+        return np.zeros((0, 0), np.float32)
+    return np.asarray([n.vector.values for n in response.neighbors], np.float32)
 
 
 def term_shares(terms: list[WeightedVector], norm: float, vectors: np.ndarray) -> list[list[gateway_pb2.TermShare]]:
