@@ -8,9 +8,8 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
-
 from dataclasses import dataclass
+from typing import Iterator
 
 import grpc
 import numpy as np
