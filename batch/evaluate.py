@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch import evaluate_open, open_vocab, quality, wordnet
+from batch import evaluate_mixed, evaluate_open, open_vocab, quality, wordnet
 from batch.extract import extract
 from batch.images import labelled, list_images
 from batch.train_head import HeadConfig, split
@@ -135,6 +135,10 @@ def _open(encoder: EncoderCore, modes, open_data: str | Path, cache: Path, out: 
     broad = evaluate_open.broad_queries(photos, wordnet.load(), encoder.rows)
     block = evaluate_open.open_vocabulary(modes, photos, encoder.rows, encoder.word_vectors, broad)
     block["data"] = str(open_data)
+    default = modes.params.default
+    block["mixed_queries"] = evaluate_mixed.mixed_queries(modes.embed(photos.features, default), photos, encoder.rows,
+                                                          encoder.word_vectors, modes.expand, default)
+    block["mixed_queries"]["classes"] = evaluate_mixed.class_agreement(modes, photos.features)
     if real_zero_shot:
         config = _head_config(encoder)
         block["real_zero_shot"] = evaluate_open.real_zero_shot(modes, photos, encoder.rows, encoder.word_vectors,
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     table = quality.markdown(result)
     if "open_vocabulary" in result:
         block = result["open_vocabulary"]
-        table += evaluate_open.markdown(block, block.get("real_zero_shot"))
+        table += evaluate_open.markdown(block, block.get("real_zero_shot")) + evaluate_mixed.markdown(block["mixed_queries"])
     (out / "eval.md").write_text(table)
     if args.json:
         Path(args.json).write_text(text)

@@ -30,7 +30,9 @@ def classifier_from_onnx(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_modes(backbone_path: str | Path, table: np.ndarray, head: Head | None, label_vectors: np.ndarray,
                 familiarity: Familiarity | None = None, expansion: QueryExpansion | None = None,
-                params: ModeParams = ModeParams()) -> Modes:
-    """`table`: (classes, D) unit word vectors of the ImageNet classes (batch/class_table.py)."""
+                params: ModeParams = ModeParams(), class_names: list[str] | tuple[str, ...] = ()) -> Modes:
+    """`table`: (classes, D) unit word vectors of the ImageNet classes (batch/class_table.py), named by
+    `class_names` (shown in explanations)."""
     weight, bias = classifier_from_onnx(backbone_path)
-    return Modes(head, weight, bias, table, span_basis(label_vectors), familiarity, expansion, params)
+    return Modes(head, weight, bias, table, span_basis(label_vectors), familiarity, expansion, params,
+                 tuple(class_names))

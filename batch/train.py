@@ -23,7 +23,7 @@ import numpy as np
 import ray
 
 from batch import backbones, open_vocab, quality, word_vectors, wordnet
-from batch.class_table import ClassParts, Enrichment, class_parts, expansions
+from batch.class_table import ClassParts, Enrichment, class_parts, expansions, imagenet_classes
 from batch.build_index import build_indexes
 from batch.extract import Extraction, extract
 from batch.images import ImageRecord, labelled, list_images
@@ -258,7 +258,8 @@ def encoder_modes(onnx_path: Path, extracted: Extracted, training: Training, spa
     familiarity = Familiarity.fit(extracted.features[train_rows], extracted.label_ids[train_rows],
                                   extracted.features[val_rows] if len(val_rows) else extracted.features[train_rows])
     table, expansion = _class_vectors(Enrichment(), parts, space.vocabulary.rows, space.names)
-    return build_modes(onnx_path, table, training.trained.head, space.targets, familiarity, expansion)
+    return build_modes(onnx_path, table, training.trained.head, space.targets, familiarity, expansion,
+                       class_names=imagenet_classes()[0])
 
 
 def open_set_of(extracted: Extracted, space: Space) -> open_vocab.OpenSet | None:

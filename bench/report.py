@@ -112,6 +112,8 @@ def markdown(results: dict) -> str:
     ]
     if "web" in results:
         out += web_section(results["web"])
+    if "explain" in results:
+        out += explain_section(results["explain"])
     if "tracing" in results:
         out += tracing_section(results["tracing"])
     out += [
@@ -178,3 +180,21 @@ def tracing_section(tracing: dict) -> list[str]:
         "",
     ]
 
+
+
+def explain_section(found: dict) -> list[str]:
+    """"What explanations cost": text searches with explain off and on, alternating rounds, one run."""
+    rows = [[name, f"{r['qps_mean']:,}", f"{r['qps_min']:,} to {r['qps_max']:,}", r["p50_ms_mean"], r["errors"]]
+            for name, r in found["variants"].items()]
+    return [
+        "### What explanations cost (text Search, explain off and on)",
+        "",
+        f"The same text searches (k = 10) from {found['clients']} clients in 4 load processes through one gateway, "
+        f"{found['rounds']} rounds of {found['seconds']:g} s of each variant, in rotating order (`python -m bench.explain`).",
+        "",
+        _table(["variant", "searches/s (mean)", "range over rounds", "p50 ms (mean)", "errors"], rows),
+        "",
+        f"Explain on / off: {found['on_over_off_qps']}x the searches per second (with explain, each search of 10 "
+        "results also returns their vectors and makes one word search call and one class call).",
+        "",
+    ]

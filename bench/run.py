@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from bench import capacity, extraction, head, knn, serving, tracing, web
+from bench import capacity, explain, extraction, head, knn, serving, tracing, web
 from batch import backbones, word_vectors
 from batch.extract import extract
 from batch.images import labelled, list_images
@@ -68,6 +68,7 @@ def run(args) -> dict:
     log.info("4/5 serving")
     results["serving"] = serving.bench(args.artifacts, Path(sample[0].path), seconds=args.seconds)
     results["web"] = web.bench(args.artifacts, cache / "thumbnails", seconds=args.seconds)
+    results["explain"] = explain.bench(args.artifacts, seconds=args.seconds, rounds=2)
     results["tracing"] = tracing.bench(args.artifacts, seconds=args.seconds, rounds=2)
 
     log.info("5/5 scale")

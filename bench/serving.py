@@ -67,6 +67,7 @@ def _worker(kind: str, address: str, seconds: float, threads: int, payload: byte
     index = index_pb2_grpc.IndexStub(channel)
     calls = {
         "gateway": lambda i: client.search(WORDS[i % len(WORDS)], k=10),
+        "explain": lambda i: client.search(WORDS[i % len(WORDS)], k=10, explain=True),
         "index": lambda i: index.Search(index_pb2.IndexSearchRequest(
             index="images", vector=index_pb2.FloatVector(values=vectors[WORDS[i % len(WORDS)]]), k=10), timeout=10),
         "image": lambda i: client.similar(payload, k=10),

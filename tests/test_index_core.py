@@ -56,6 +56,20 @@ def test_save_and_load_elsewhere_gives_the_same_answers(glove, tmp_path, n):
     assert loaded.items[1] == Item(glove.words[1], f"/images/{glove.words[1]}.jpg", "x")
 
 
+@pytest.mark.parametrize("n", [3000, 25_000])
+def test_a_batch_of_searches_answers_as_each_search_does(glove, n):
+    """SearchMany (the explanations' word searches) must give exactly what Search (Tag) gives."""
+    index = VectorIndex.build("words", glove.vectors[:n], [Item(w) for w in glove.words[:n]])
+    queries = glove.vectors[n:n + 40] + 0.3 * glove.vectors[n + 40:n + 80]
+    batched, each = index.search_many(list(queries), 7), [index.search(query, 7) for query in queries]
+    assert [[h.item.id for h in hits] for hits in batched] == [[h.item.id for h in hits] for hits in each]
+    np.testing.assert_allclose([[h.score for h in hits] for hits in batched], [[h.score for h in hits] for hits in each],
+                               atol=1e-6)  # a batched dot product may differ in the last bit
+    assert index.search_many([], 7) == []
+    with pytest.raises(InvalidQuery):
+        index.search_many([np.zeros(glove.dimension)], 7)
+
+
 @pytest.fixture(scope="module")
 def small(glove):
     return VectorIndex.build("small", glove.vectors[:2000], [Item(w) for w in glove.words[:2000]])

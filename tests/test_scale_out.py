@@ -99,6 +99,22 @@ def test_three_shards_answer_exactly_as_one(services, sharded_gateway):
             assert whole.image(image_id) == sharded.image(image_id)
 
 
+def test_a_mixed_query_explained_over_three_shards_answers_as_one(services, sharded_gateway):
+    """Image ids resolved on their shards, the results' vectors from each shard, the words from the word index."""
+    query = "water + img:ship/0003.jpg - img:cat/0010.jpg + img:truck/0042.jpg"
+    with Client(services.gateway) as whole, Client(sharded_gateway[0]) as sharded:
+        one, three = whole.search(query, k=10, explain=True), sharded.search(query, k=10, explain=True)
+        assert [h.id for h in one] == [h.id for h in three]
+        for a, b in zip(one, three):
+            assert [s.term for s in a.explanation.shares] == [s.term for s in b.explanation.shares]
+            np.testing.assert_allclose([s.share for s in a.explanation.shares], [s.share for s in b.explanation.shares],
+                                       atol=1e-5)
+            assert [w.word for w in a.explanation.words] == [w.word for w in b.explanation.words]
+        similar = sharded.similar(id="ship/0003.jpg", k=5, explain=True)
+        assert [h.id for h in similar] == [h.id for h in whole.similar(id="ship/0003.jpg", k=5)]
+        assert all(len(h.explanation.words) == 5 for h in similar)
+
+
 def test_filters_and_pages_over_three_shards_answer_as_one(services, sharded_gateway):
     with Client(services.gateway) as whole, Client(sharded_gateway[0]) as sharded:
         for labels, folder in (((), ""), (("cat", "dog"), ""), ((), "ship")):

@@ -111,3 +111,17 @@ def test_a_shared_url_shows_its_results_and_similar_words(page, web):
     words = page.locator("#word-list .chip .word").all_inner_texts()
     assert {"sea", "waters"} & set(words), words
     page.screenshot(path=SCREENSHOTS / "shared-url.png", full_page=True)
+
+
+def test_words_added_to_a_photo_and_explanations(page, web):
+    page.goto(web.url + "/?similar=ship/0000.jpg&k=8")
+    expect(page.locator("#like-form")).to_be_visible()
+    page.check("#explain")
+    page.fill("#like-words", "water")
+    page.press("#like-words", "Enter")
+    expect(page).to_have_url(re.compile(r"/\?q=water&like=ship%2F0000\.jpg&k=8&explain=1$"))
+    expect(page.locator("#query-title")).to_contain_text("Photos like ship/0000.jpg + water")
+    loaded_thumbnails(page, 8)
+    why = page.locator("#grid .card .why").all_inner_texts()
+    assert len(why) == 8 and all("water +" in w and "img:ship/0000.jpg" in w and "words:" in w for w in why), why
+    page.screenshot(path=SCREENSHOTS / "photo-and-words.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 MAX_K = 1000  # results per search
 MAX_IMAGES = 64  # images per call (encode, add)
 MAX_LABEL_CHARS = 100  # label of an added image
+MAX_IMAGE_TERMS = 8  # image terms (ids and bytes) in one Search
 
 
 def k_problem(k: int) -> str | None:
@@ -30,3 +31,7 @@ def label_problem(label: str | None) -> str | None:
     if label is None or len(label) <= MAX_LABEL_CHARS:
         return None
     return f"a label is {len(label)} characters; the limit is {MAX_LABEL_CHARS}"
+
+
+def image_terms_problem(count: int) -> str | None:
+    return None if count <= MAX_IMAGE_TERMS else f"{count} image terms in one query; the limit is {MAX_IMAGE_TERMS}"

@@ -50,6 +50,19 @@ class EncoderCore:
         terms = query.parse(text)
         return query.embed(terms, self.rows, self.word_vectors, self.modes.expand), terms
 
+    def text_terms(self, text: str) -> tuple[list[query.Term], list[query.TermVector]]:
+        """The words of a larger query (the gateway adds image terms): each term's vector, with none of
+        the checks on the whole query (a positive weight, terms that cancel out)."""
+        terms = query.parse(text, whole=False)
+        return terms, query.term_vectors(terms, self.rows, self.word_vectors, self.modes.expand)
+
+    def nearest_classes(self, vectors: np.ndarray, k: int, mode: str | None = None) -> list[list[tuple[str, float]]]:
+        """The k ImageNet classes nearest each vector in word space (`Modes.nearest_classes`); none in
+        devise, whose vectors owe nothing to the class table. UnknownModeError for a mode not in `list_modes()`."""
+        if self.modes.check(mode) == "devise":
+            return [[] for _ in vectors]
+        return self.modes.nearest_classes(vectors, k)
+
     @property
     def default_mode(self) -> str:
         return self.modes.params.default

@@ -150,6 +150,7 @@ class Modes:
     familiarity: Familiarity | None = None  # for `gated`
     expansion: QueryExpansion | None = None  # for text queries
     params: ModeParams = ModeParams()
+    class_names: tuple[str, ...] = ()  # of the table's rows (none in artifacts made before they were stored)
 
     @property
     def expand(self) -> Expander | None:
@@ -211,6 +212,18 @@ class Modes:
         outside = conse - (conse @ self.basis) @ self.basis.T
         return _unit(devise + beta * outside)
 
+    def nearest_classes(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The k ImageNet classes whose class vectors (`table`) have the largest cosine with each vector:
+        which classes the vector lies nearest in word space, read from the vector alone. For a ConSE vector,
+        unit(sum_t p_t c_t), the cosine with class j is sum_t p_t (c_t . c_j) / ||sum_t p_t c_t||: mostly the
+        classifier's top classes, and classes whose vectors are near theirs (a sibling dog breed)."""
+        if not self.class_names or not len(vectors):
+            return [[] for _ in vectors]
+        scores = _unit(np.asarray(vectors, np.float32)) @ self.table.T
+        k = min(k, scores.shape[1])
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[c], float(scores[row, c])) for c in classes] for row, classes in enumerate(best)]
+
     def label_scores(self, vectors: np.ndarray, label_vectors: np.ndarray, trained: np.ndarray,
                      gamma: float | None = None) -> np.ndarray:
         """Cosine scores (N, L) of vectors against candidate labels, minus gamma for trained labels."""
@@ -224,15 +237,16 @@ class Modes:
                      basis=self.basis, centroids=familiarity.centroids,
                      familiarity=np.asarray([familiarity.mean, familiarity.std], np.float32),
                      expansion_words=np.asarray(self.expansion.words, dtype=str),
-                     expansion_vectors=self.expansion.vectors)
+                     expansion_vectors=self.expansion.vectors, class_names=np.asarray(self.class_names, dtype=str))
 
     @classmethod
     def load(cls, path: Path, head: Head | None, params: ModeParams) -> "Modes":
         with np.load(path) as data:
             mean, std = (float(x) for x in data["familiarity"])
             expansion = QueryExpansion(tuple(data["expansion_words"].tolist()), data["expansion_vectors"])
+            names = tuple(data["class_names"].tolist()) if "class_names" in data.files else ()
             return cls(head, data["classifier_w"], data["classifier_b"], data["table"], data["basis"],
-                       Familiarity(data["centroids"], mean, std), expansion, params)
+                       Familiarity(data["centroids"], mean, std), expansion, params, names)
 
     def with_params(self, **changes) -> "Modes":
         return replace(self, params=replace(self.params, **changes))

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import grpc
+import numpy as np
 
 from semsearch.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common import bounds
@@ -29,10 +30,20 @@ log = logging.getLogger(__name__)
 
 SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 DECODE_SLOTS = 2
+MAX_VECTORS = 1000  # per NearestClasses call
 
 
 def _vector(values) -> encoder_pb2.Vector:
     return encoder_pb2.Vector(values=values.tolist())
+
+
+def _with_terms(terms, term_vectors, version: str) -> encoder_pb2.EncodeTextResponse:
+    """The words of a larger query: each term's vector; the caller sums them with its own."""
+    return encoder_pb2.EncodeTextResponse(
+        terms=[encoder_pb2.WeightedTerm(word=t.word, weight=t.weight) for t in terms],
+        term_vectors=[encoder_pb2.TermVector(term=t.term, weight=t.weight, values=t.vector.tolist())
+                      for t in term_vectors],
+        artifact_version=version)
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -43,6 +54,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def EncodeText(self, request, context):
         core: EncoderCore = self.loading.get(context, request.artifact_version)
         try:
+            if request.with_terms:
+                return _with_terms(*core.text_terms(request.text), core.version)
             vector, terms = core.encode_text(request.text)
         except QueryError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -53,6 +66,26 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             terms=[encoder_pb2.WeightedTerm(word=t.word, weight=t.weight) for t in terms],
             artifact_version=core.version,
         )
+
+    def NearestClasses(self, request, context):
+        core: EncoderCore = self.loading.get(context, request.artifact_version)
+        if len(request.vectors) > MAX_VECTORS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(request.vectors)} vectors in one call; the limit is {MAX_VECTORS}")
+        problem = bounds.k_problem(request.k)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        vectors = np.asarray([v.values for v in request.vectors], np.float32).reshape(len(request.vectors), -1)
+        if len(vectors) and (vectors.shape[1] != core.dimension or not np.all(np.isfinite(vectors))):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"NearestClasses takes finite vectors of dimension {core.dimension}")
+        try:
+            found = core.nearest_classes(vectors, request.k, request.mode or None)
+        except UnknownModeError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return encoder_pb2.NearestClassesResponse(lists=[
+            encoder_pb2.ClassList(classes=[encoder_pb2.ImageNetClass(name=name, score=score) for name, score in classes])
+            for classes in found], artifact_version=core.version)
 
     def EncodeImage(self, request, context):
         vectors, version = self._encode([request.image], request.artifact_version, request.mode, context)

@@ -12,15 +12,29 @@ from typing import Callable
 import grpc
 
 from services.common import security
+from services.common.image_terms import DEFAULT_IMAGE_WEIGHT
 from services.gateway import gallery
-from services.gateway.client import DEFAULT_ADDRESS, Client, ImageHit, Page, WordHit
+from services.gateway.client import DEFAULT_ADDRESS, Client, Explanation, ImageHit, Page, WordHit
+
+
+def explanation_json(explanation: Explanation) -> dict:
+    return {"shares": [{"term": s.term, "weight": round(s.weight, 6), "share": round(s.share, 6)}
+                       for s in explanation.shares],
+            "words": [{"word": w.word, "score": round(w.score, 6)} for w in explanation.words],
+            "classes": [{"name": c.word, "score": round(c.score, 6)} for c in explanation.classes]}
+
+
+def _hit_json(hit: ImageHit) -> dict:
+    document = {"id": hit.id, "path": hit.path, "label": hit.label, "score": round(hit.score, 6)}
+    if hit.explanation is not None:
+        document["explanation"] = explanation_json(hit.explanation)
+    return document
 
 
 def image_json(query: str, hits: list[ImageHit]) -> dict:
     """The `--json` document of search and similar (also the web API's); with the next page's token
-    when there is one."""
-    document = {"query": query, "results": [
-        {"id": h.id, "path": h.path, "label": h.label, "score": round(h.score, 6)} for h in hits]}
+    when there is one, and each result's explanation when asked for."""
+    document = {"query": query, "results": [_hit_json(h) for h in hits]}
     if getattr(hits, "next_page_token", ""):
         document["next_page_token"] = hits.next_page_token
     return document
@@ -48,13 +62,24 @@ def word_json(key: str, hits: list[WordHit]) -> dict:
     return {key: [{"word": h.word, "score": round(h.score, 6)} for h in hits]}
 
 
+def _explanation_lines(explanation: Explanation) -> list[str]:
+    """`= dog +0.412  image +0.450  fruit -0.050`, the words, and the ImageNet classes (when there are some)."""
+    lines = ["       = " + "  ".join(f"{s.term} {s.share:+.3f}" for s in explanation.shares),
+             "       words: " + ", ".join(w.word for w in explanation.words)]
+    if explanation.classes:
+        lines.append("       classes: " + ", ".join(f"{c.word} ({c.score:.2f})" for c in explanation.classes))
+    return lines
+
+
 def _image_table(hits: list[ImageHit]) -> str:
     if not hits:
         return "(no results)"
     width = max(len(h.id) for h in hits)
     lines = [f"{'#':>3}  {'score':>6}  {'label':<12} {'id':<{width}}  path"]
-    lines += [f"{rank:>3}  {h.score:6.3f}  {(h.label or '-'):<12} {h.id:<{width}}  {h.path}"
-              for rank, h in enumerate(hits, 1)]
+    for rank, h in enumerate(hits, 1):
+        lines.append(f"{rank:>3}  {h.score:6.3f}  {(h.label or '-'):<12} {h.id:<{width}}  {h.path}")
+        if h.explanation is not None:
+            lines += _explanation_lines(h.explanation)
     return "\n".join(lines)
 
 
@@ -89,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--html", metavar="FILE", help="also write a gallery page to FILE")
         return sub
 
-    search = command("search", "images for text: dog, 'cat sofa', cat+sofa-dog, 'cat:2 sofa'", 10)
-    search.add_argument("query")
+    search = command("search", "images for text: dog, 'cat sofa', cat+sofa-dog, 'cat:2 sofa', "
+                               "'dog + img:beach/0001.jpg - fruit'", 10)
+    search.add_argument("query", nargs="?", help="the query language (may be left out with --like)")
+    search.add_argument("--like", action="append", default=[], metavar="IMAGE_FILE",
+                        help="add this photo to the query (repeat for several)")
+    search.add_argument("--like-weight", type=float, default=DEFAULT_IMAGE_WEIGHT, metavar="W",
+                        help=f"the weight of each --like photo (default {DEFAULT_IMAGE_WEIGHT:g}; a word's is 1)")
     similar = command("similar", "images similar to an image file", 10)
     similar.add_argument("image")
     for sub in (search, similar):
+        sub.add_argument("--explain", action="store_true",
+                         help="say why each photo matched: each term's share of its score, its words and classes")
         sub.add_argument("--min-score", type=float)
         sub.add_argument("--label", action="append", default=[], dest="labels",
                          help="only images with this label (repeat for any of several)")
@@ -122,15 +154,21 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, Callable[[
 
     The page reads and encodes every hit's image, so it is made only when `--html` asks for it."""
     if args.command == "search":
+        if args.query is None and not args.like:
+            raise SystemExit("semsearch: search needs a query, --like IMAGE_FILE, or both")
+        like = [_read_image(path) for path in args.like]
+        names = [Path(path).name for path in args.like]
         hits = _nth_page(lambda token: client.search(args.query, k=args.k, min_score=args.min_score, labels=args.labels,
                                                      folder=args.folder, page_token=token, after=args.after,
-                                                     before=args.before), args.page)
-        return image_json(args.query, hits), _image_table(hits), lambda: gallery.render(f"search: {args.query}", hits)
+                                                     before=args.before, like=like, like_names=names,
+                                                     like_weight=args.like_weight, explain=args.explain), args.page)
+        query = " + ".join(([args.query] if args.query else []) + [f"like {name}" for name in names])
+        return image_json(query, hits), _image_table(hits), lambda: gallery.render(f"search: {query}", hits)
     if args.command == "similar":
         image = _read_image(args.image)
         hits = _nth_page(lambda token: client.similar(image, k=args.k, min_score=args.min_score, labels=args.labels,
                                                       folder=args.folder, page_token=token, after=args.after,
-                                                      before=args.before), args.page)
+                                                      before=args.before, explain=args.explain), args.page)
         return image_json(args.image, hits), _image_table(hits), \
             lambda: gallery.render(f"similar to {args.image}", hits, query_image=args.image)
     if args.command == "tag":

@@ -7,9 +7,24 @@ from dataclasses import dataclass
 
 from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import security
+from services.common.image_terms import DEFAULT_IMAGE_WEIGHT
 from services.common.server import MAX_MESSAGE_BYTES
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
+
+
+@dataclass(frozen=True)
+class Share:
+    term: str  # `dog`, `golf ball`, `img:beach/0001.jpg`, `image`
+    weight: float
+    share: float  # of the score: the shares of a result add up to its score
+
+
+@dataclass(frozen=True)
+class Explanation:
+    shares: list[Share]
+    words: list["WordHit"]  # the image's 5 nearest words: its own top tags
+    classes: list["WordHit"]  # its 3 nearest ImageNet classes (conse, hybrid, gated; none in devise)
 
 
 @dataclass(frozen=True)
@@ -18,6 +33,7 @@ class ImageHit:
     path: str
     label: str | None
     score: float
+    explanation: Explanation | None = None  # when the search asked to explain
 
 
 @dataclass(frozen=True)
@@ -32,8 +48,17 @@ class Page(list):
     next_page_token: str = ""
 
 
+def _explanation(result: gateway_pb2.ImageResult) -> Explanation | None:
+    if not result.HasField("explanation"):
+        return None
+    e = result.explanation
+    return Explanation([Share(s.term, s.weight, s.share) for s in e.shares], [WordHit(w.word, w.score) for w in e.words],
+                       [WordHit(c.name, c.score) for c in e.classes])
+
+
 def _image_hits(response: gateway_pb2.ImageResults) -> Page:
-    page = Page(ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score) for r in response.results)
+    page = Page(ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score, _explanation(r))
+                for r in response.results)
     page.next_page_token = response.next_page_token
     return page
 
@@ -60,22 +85,33 @@ class Client:
 
     def search(self, text: str | None = None, *, image: bytes | None = None, k: int = 10,
                min_score: float | None = None, labels: list[str] = (), folder: str = "",
-               page_token: str = "", after: str = "", before: str = "") -> Page:
-        """Images for text or an image; only `labels` (any of them) under `folder`, taken at or `after`
-        and `before` (ISO dates) when given; `page_token`: the previous page's `next_page_token`."""
-        if (text is None) == (image is None):
-            raise ValueError("search takes text or image bytes, not both")
+               page_token: str = "", after: str = "", before: str = "", like: list[bytes] = (),
+               like_names: list[str] = (), like_ids: list[str] = (), like_weight: float = DEFAULT_IMAGE_WEIGHT,
+               explain: bool = False) -> Page:
+        """Images for text (`dog + img:beach/0001.jpg - fruit`) or an image, plus images `like` (bytes, named
+        `like_names` in explanations) and `like_ids` (indexed ids), each weighing `like_weight`; only `labels`
+        (any of them) under `folder`, taken at or `after` and `before` (ISO dates) when given; `page_token`:
+        the previous page's `next_page_token`; `explain`: each hit's explanation."""
+        if text is not None and image is not None:
+            raise ValueError("search takes text or image bytes, not both (add images with like=)")
+        names = list(like_names) + [""] * (len(like) - len(like_names))
+        terms = [gateway_pb2.QueryTerm(image=data, weight=like_weight, name=name) for data, name in zip(like, names)]
+        terms += [gateway_pb2.QueryTerm(image_id=item, weight=like_weight) for item in like_ids]
+        if text is None and image is None and not terms:
+            raise ValueError("search takes text, image bytes or images to be like")
         request = gateway_pb2.SearchRequest(text=text, image=image, k=k, min_score=min_score, labels=labels,
-                                            folder=folder, page_token=page_token, after=after, before=before)
+                                            folder=folder, page_token=page_token, after=after, before=before,
+                                            terms=terms, explain=explain)
         return _image_hits(self.stub.Search(request, timeout=self.timeout))
 
     def similar(self, image: bytes | None = None, *, id: str | None = None, k: int = 10,
                 min_score: float | None = None, labels: list[str] = (), folder: str = "",
-                page_token: str = "", after: str = "", before: str = "") -> Page:
+                page_token: str = "", after: str = "", before: str = "", explain: bool = False) -> Page:
         if (id is None) == (image is None):
             raise ValueError("similar takes image bytes or an image id, not both")
         request = gateway_pb2.SimilarImagesRequest(image=image, id=id, k=k, min_score=min_score, labels=labels,
-                                                   folder=folder, page_token=page_token, after=after, before=before)
+                                                   folder=folder, page_token=page_token, after=after, before=before,
+                                                   explain=explain)
         return _image_hits(self.stub.SimilarImages(request, timeout=self.timeout))
 
     def tag(self, image: bytes, k: int = 5, mode: str = "") -> list[WordHit]:

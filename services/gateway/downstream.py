@@ -7,6 +7,7 @@ import json
 import logging
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.v1 import encoder_pb2_grpc, index_pb2, index_pb2_grpc
@@ -157,6 +158,18 @@ class Downstream:
             return self.shards[number].GetVectors(request, timeout=self.deadline(context))
         except grpc.RpcError as error:
             self._fail(error, self._shard_name(number), context)
+
+    def image_vectors(self, ids: list[str], version: str, context) -> tuple[list[np.ndarray], str]:
+        """Indexed images' stored vectors, in order, and their artifact version: one GetVectors call per
+        process that holds some of them. NOT_FOUND (passed through) names an unknown id."""
+        found: dict[str, np.ndarray] = {}
+        for name, stub, positions in self.image_stubs(ids):
+            answer = self.call_named(name, stub.GetVectors, index_pb2.GetVectorsRequest(
+                index="images", ids=[ids[p] for p in positions], artifact_version=version), context)
+            version = answer.artifact_version
+            found.update((item.id, np.asarray(vector.values, np.float32))
+                         for item, vector in zip(answer.items, answer.vectors))
+        return [found[item_id] for item_id in ids], version
 
     def image_items(self, ids: list[str], context) -> list[index_pb2.Item]:
         """Indexed images' items (id, path, label), in order, from the processes that hold them."""

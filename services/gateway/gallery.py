@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from services.gateway.client import ImageHit, WordHit
+from services.gateway.client import Explanation, ImageHit, WordHit
 
 THUMBNAIL = 160
 
@@ -47,6 +47,15 @@ def figure_html(path: str, caption: str) -> str:
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
 
 
+def explanation_text(explanation: Explanation) -> str:
+    """`dog +0.412 image +0.450; words: dog, puppy, ...; classes: beagle, ...`"""
+    text = " ".join(f"{s.term} {s.share:+.3f}" for s in explanation.shares)
+    text += "; words: " + ", ".join(w.word for w in explanation.words)
+    if explanation.classes:
+        text += "; classes: " + ", ".join(c.word for c in explanation.classes)
+    return text
+
+
 def render(title: str, images: list[ImageHit] | None = None, words: list[WordHit] | None = None,
            query_image: str | None = None) -> str:
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -57,6 +66,8 @@ def render(title: str, images: list[ImageHit] | None = None, words: list[WordHit
         parts.append(f"<h2>{len(images)} images</h2><div class='grid'>")
         for rank, hit in enumerate(images, 1):
             caption = f"{rank}. {html.escape(hit.id)}<br>{html.escape(hit.label or '')} {hit.score:.3f}"
+            if hit.explanation is not None:
+                caption += "<br><small>" + html.escape(explanation_text(hit.explanation)) + "</small>"
             parts.append(figure_html(hit.path, caption))
         parts.append("</div>")
     if words is not None:

@@ -8,20 +8,24 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import grpc
+import numpy as np
 
 from semsearch.v1 import encoder_pb2, gateway_pb2, gateway_pb2_grpc, index_pb2
-from services.common import bounds
+from services.common import bounds, mixing
 from services.common import limits as limits_module
 from services.common import metrics
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
 from services.common.ids import image_id
+from services.gateway import explain
 from services.gateway.downstream import Downstream, VersionMismatch
 from services.gateway.paging import BadScope, Scope
+from services.gateway.terms import BadTerms, Query, query_of
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,30 @@ def _scope(request, context) -> Scope:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
 
-def _image_results(response: index_pb2.IndexSearchResponse) -> gateway_pb2.ImageResults:
-    return gateway_pb2.ImageResults(results=[
+def _query(request, context) -> Query:
+    try:
+        return query_of(request)
+    except BadTerms as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+@dataclass(frozen=True)
+class Explained:
+    """An index answer with an explanation per result."""
+
+    response: index_pb2.IndexSearchResponse
+    explanations: list[gateway_pb2.Explanation]
+
+
+def _image_results(response: index_pb2.IndexSearchResponse,
+                   explanations: list[gateway_pb2.Explanation] | None = None) -> gateway_pb2.ImageResults:
+    results = gateway_pb2.ImageResults(results=[
         gateway_pb2.ImageResult(id=n.id, path=n.path, label=n.label if n.HasField("label") else None, score=n.score)
         for n in response.neighbors
     ])
+    for result, explanation in zip(results.results, explanations or ()):
+        result.explanation.CopyFrom(explanation)
+    return results
 
 
 def _word_results(response: index_pb2.IndexSearchResponse) -> gateway_pb2.WordResults:
@@ -75,20 +98,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         _check_k(request.k, context)
         min_score = _min_score(request, context)
         scope = _scope(request, context)
-        which = request.WhichOneof("query")
-        if which == "text":
+        query = _query(request, context)
+        if query.plain_text is not None and not request.explain:
             def attempt(version: str):
                 encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeText,
-                                               encoder_pb2.EncodeTextRequest(text=request.text, artifact_version=version),
+                                               encoder_pb2.EncodeTextRequest(text=query.plain_text, artifact_version=version),
                                                context)
                 return self._search("images", context, request.k, min_score, encoded.vector.values,
                                     encoded.artifact_version, scope)
-        elif which == "image":
+        elif query.plain_image is not None and not request.explain:
             def attempt(version: str):
-                return self._search_by_image("images", request.image, version, context, request.k, min_score,
+                return self._search_by_image("images", query.plain_image, version, context, request.k, min_score,
                                              scope=scope)
         else:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Search needs a query: text or image bytes")
+            def attempt(version: str):
+                return self._mixed(query, version, context, request.k, min_score, scope, request.explain)
         return self._images_page(attempt, scope, request.k, context)
 
     def SimilarImages(self, request, context):
@@ -97,14 +121,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         scope = _scope(request, context)
         which = request.WhichOneof("query")
         if which == "image":
-            def attempt(version: str):
+            def search(version: str):
                 return self._search_by_image("images", request.image, version, context, request.k, min_score,
-                                             scope=scope)
+                                             scope=scope, with_vectors=request.explain)
         elif which == "id":
-            def attempt(version: str):
-                return self._similar_to_id(request.id, version, context, request.k, min_score, scope)
+            def search(version: str):
+                return self._similar_to_id(request.id, version, context, request.k, min_score, scope, request.explain)
         else:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SimilarImages needs image bytes or an image id")
+        if not request.explain:
+            return self._images_page(search, scope, request.k, context)
+        name = "image" if which == "image" else f"img:{request.id}"
+
+        def attempt(version: str):
+            response = search(version)
+            return Explained(response, self._explanations(explain.single_term_shares(name, response), response,
+                                                          context))
         return self._images_page(attempt, scope, request.k, context)
 
     def _images_page(self, attempt, scope: Scope, k: int, context) -> gateway_pb2.ImageResults:
@@ -118,7 +150,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"page_token is for artifact version {scope.version}, which is no longer served; "
                               "search again for the first page")
-        results = _image_results(response)
+        if isinstance(response, Explained):
+            results = _image_results(response.response, response.explanations)
+            response = response.response
+        else:
+            results = _image_results(response)
         results.next_page_token = scope.next_token(response, k)
         return results
 
@@ -202,15 +238,70 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder and the index are switching artifact versions; retry")
 
     def _search_by_image(self, index: str, image: bytes, version: str, context, k: int, min_score: float | None,
-                         mode: str = "", scope: Scope = Scope()):
+                         mode: str = "", scope: Scope = Scope(), with_vectors: bool = False):
         encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImage,
                                        encoder_pb2.EncodeImageRequest(image=image, artifact_version=version, mode=mode),
                                        context)
-        return self._search(index, context, k, min_score, encoded.values, encoded.artifact_version, scope)
+        return self._search(index, context, k, min_score, encoded.values, encoded.artifact_version, scope, with_vectors)
 
-    def _similar_to_id(self, image_id: str, version: str, context, k: int, min_score: float | None, scope: Scope):
+    def _mixed(self, query: Query, version: str, context, k: int, min_score: float | None, scope: Scope,
+               with_explanations: bool):
+        """A query of weighted terms: their vectors (one call per kind), one unit vector, one search."""
+        terms, version = self._term_vectors(query, version, context)
+        try:
+            mixed = mixing.combine(terms)
+        except mixing.MixError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        response = self._search("images", context, k, min_score, mixed.vector.tolist(), version, scope,
+                                with_explanations)
+        if not with_explanations:
+            return response
+        shares = explain.term_shares(terms, mixed.norm, explain.result_vectors(response))
+        return Explained(response, self._explanations(shares, response, context))
+
+    def _term_vectors(self, query: Query, version: str, context) -> tuple[list[mixing.WeightedVector], str]:
+        """Each term's vector, all of one artifact version (the one returned): the text's words from the
+        encoder, image bytes encoded in the index's mode (the encoder's default), ids' stored vectors."""
+        terms: list[mixing.WeightedVector] = []
+        if query.text is not None:
+            encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeText, encoder_pb2.EncodeTextRequest(
+                text=query.text.text, artifact_version=version, with_terms=True), context)
+            version = encoded.artifact_version
+            terms += [mixing.WeightedVector(t.term, query.text.weight * t.weight, np.asarray(t.values, np.float32))
+                      for t in encoded.term_vectors]
+        vectors: dict[int, np.ndarray] = {}
+        encoded_images = [(n, term.data) for n, term in enumerate(query.images) if term.data is not None]
+        if encoded_images:
+            encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImages, encoder_pb2.EncodeImagesRequest(
+                images=[data for _, data in encoded_images], artifact_version=version), context)
+            version = encoded.artifact_version
+            vectors.update((n, np.asarray(v.values, np.float32)) for (n, _), v in zip(encoded_images, encoded.vectors))
+        stored = [(n, term.id) for n, term in enumerate(query.images) if term.id is not None]
+        if stored:
+            found, version = self.downstream.image_vectors([image for _, image in stored], version, context)
+            vectors.update((n, vector) for (n, _), vector in zip(stored, found))
+        terms += [mixing.WeightedVector(term.name, term.weight, vectors[n]) for n, term in enumerate(query.images)]
+        return terms, version
+
+    def _explanations(self, shares: list[list[gateway_pb2.TermShare]], response: index_pb2.IndexSearchResponse,
+                      context) -> list[gateway_pb2.Explanation]:
+        """Each result's explanation: one word search on the index and one class call on the encoder, for
+        all results at once."""
+        if not response.neighbors:
+            return []
+        values = [index_pb2.FloatVector(values=n.vector.values) for n in response.neighbors]
+        words = self.downstream.call("index", self.downstream.index.SearchMany, index_pb2.IndexSearchManyRequest(
+            index="words", vectors=values, k=explain.WORDS, artifact_version=response.artifact_version), context)
+        classes = self.downstream.call("encoder", self.downstream.encoder.NearestClasses, encoder_pb2.NearestClassesRequest(
+            vectors=[encoder_pb2.Vector(values=n.vector.values) for n in response.neighbors], k=explain.CLASSES,
+            artifact_version=response.artifact_version), context)
+        return explain.explanations(shares, words, classes)
+
+    def _similar_to_id(self, image_id: str, version: str, context, k: int, min_score: float | None, scope: Scope,
+                       with_vectors: bool = False):
         request = scope.apply(index_pb2.IndexSearchRequest(index="images", k=k, min_score=min_score,
-                                                           exclude_ids=[image_id], artifact_version=version))
+                                                           exclude_ids=[image_id], artifact_version=version,
+                                                           with_vectors=with_vectors))
         if not self.downstream.shards:
             request.id = image_id
             return self.downstream.call("index", self.downstream.index.Search, request, context)
@@ -221,9 +312,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self.downstream.search_images(request, context)
 
     def _search(self, index: str, context, k: int, min_score: float | None, vector, version: str,
-                scope: Scope = Scope()):
+                scope: Scope = Scope(), with_vectors: bool = False):
         request = index_pb2.IndexSearchRequest(index=index, k=k, min_score=min_score, artifact_version=version,
-                                               vector=index_pb2.FloatVector(values=vector))
+                                               vector=index_pb2.FloatVector(values=vector), with_vectors=with_vectors)
         if index == "images":
             return self.downstream.search_images(scope.apply(request), context)
         return self.downstream.call("index", self.downstream.index.Search, request, context)

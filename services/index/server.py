@@ -51,6 +51,23 @@ def _selection(request: index_pb2.IndexSearchRequest) -> Selection:
     return Selection(frozenset(request.labels), folder_prefix(request.folder), since, until, cursor)
 
 
+def _neighbors(hits) -> list[index_pb2.Neighbor]:
+    return [index_pb2.Neighbor(id=hit.item.id, score=hit.score, path=hit.item.path, label=hit.item.label)
+            for hit in hits]
+
+
+def _with_vectors(index, neighbors: list[index_pb2.Neighbor]) -> list[index_pb2.Neighbor]:
+    """The neighbours with their stored vectors; one deleted since the search is left out."""
+    kept = []
+    for neighbor in neighbors:
+        try:
+            neighbor.vector.values.extend(index.vector_of(neighbor.id).tolist())
+        except UnknownId:
+            continue
+        kept.append(neighbor)
+    return kept
+
+
 def _abort_unwritable(error: OSError, context) -> None:
     """The live log could not be written: nothing was acknowledged, so the caller may retry elsewhere."""
     log.error("cannot write the live log: %s", error)
@@ -84,10 +101,28 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except (UnknownIndex, UnknownId) as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        return index_pb2.IndexSearchResponse(neighbors=[
-            index_pb2.Neighbor(id=hit.item.id, score=hit.score, path=hit.item.path, label=hit.item.label)
-            for hit in hits
-        ], artifact_version=indexes.version)
+        neighbors = _neighbors(hits)
+        if request.with_vectors:
+            neighbors = _with_vectors(index, neighbors)
+        return index_pb2.IndexSearchResponse(neighbors=neighbors, artifact_version=indexes.version)
+
+    def SearchMany(self, request, context):
+        indexes: IndexSet = self.loading.get(context, request.artifact_version)
+        if len(request.vectors) > MAX_IDS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(request.vectors)} vectors in one call; the limit is {MAX_IDS}")
+        try:
+            index = indexes.get(request.index)
+            queries = [vector.values for vector in request.vectors]
+            batched = getattr(index, "search_many", None)  # a plain index; live or sharded ones search each
+            results = batched(queries, request.k) if batched else [index.search(q, request.k) for q in queries]
+        except InvalidQuery as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except UnknownIndex as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.IndexSearchManyResponse(
+            results=[index_pb2.NeighborList(neighbors=_neighbors(hits)) for hits in results],
+            artifact_version=indexes.version)
 
     def GetVectors(self, request, context):
         indexes: IndexSet = self.loading.get(context, request.artifact_version)

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from services.common.image_terms import DEFAULT_IMAGE_WEIGHT
 from services.gateway.cli import image_json, word_json
 from services.gateway.client import Client
 from services.web import errors, images
@@ -37,6 +38,9 @@ FOLDER = "only images whose id is under this folder (2024/)"
 PAGE = "the previous answer's next_page_token, for the results after it"
 AFTER = "only images taken on or after this date or time (2024-06-01, 2024-06-01T18:00; UTC)"
 BEFORE = "only images taken before this date or time"
+LIKE = "an indexed image id to add to the query, like img:ID in q (repeat for several)"
+LIKE_WEIGHT = f"the weight of each `like` image (default {DEFAULT_IMAGE_WEIGHT:g}; a word's is 1)"
+EXPLAIN = "explain each result: each query term's share of its score, its nearest words and ImageNet classes"
 STATIC = Path(__file__).parent / "static"
 HEALTH_TIMEOUT = 2.0
 IMAGE_CACHE = "private, max-age=3600"
@@ -160,13 +164,21 @@ def create_app(client: Client, thumbnails: Path, metrics: WebMetrics | None = No
         return {"status": name}
 
     @app.get("/api/search", response_model=ImageResults, responses=ERRORS)
-    def search(request: Request, q: str = Query(description="cat sofa, cat+sofa-dog, cat:2 sofa"),
+    def search(request: Request,
+               q: str | None = Query(default=None, description="cat sofa, cat+sofa-dog, cat:2 sofa, dog + img:ID"),
                k: int = 10, min_score: float | None = None, label: list[str] = Query(default=[], description=LABEL),
                folder: str = Query(default="", description=FOLDER), page_token: str = Query(default="", description=PAGE),
-               after: str = Query(default="", description=AFTER), before: str = Query(default="", description=BEFORE)):
-        """Images for text: the CLI's `search --json` document."""
-        return CliJson(image_json(q, gateway(request).search(q, k=k, min_score=min_score, labels=label, folder=folder,
-                                                             page_token=page_token, after=after, before=before)))
+               after: str = Query(default="", description=AFTER), before: str = Query(default="", description=BEFORE),
+               like: list[str] = Query(default=[], description=LIKE),
+               like_weight: float = Query(default=DEFAULT_IMAGE_WEIGHT, description=LIKE_WEIGHT),
+               explain: bool = Query(default=False, description=EXPLAIN)):
+        """Images for text, and for indexed images (`like`): the CLI's `search --json` document."""
+        if q is None and not like:
+            raise ApiError(400, "INVALID_ARGUMENT", "search needs q, like (an image id), or both")
+        hits = gateway(request).search(q, k=k, min_score=min_score, labels=label, folder=folder, page_token=page_token,
+                                       after=after, before=before, like_ids=like, like_weight=like_weight,
+                                       explain=explain)
+        return CliJson(image_json(" + ".join(([q] if q else []) + [f"like {item}" for item in like]), hits))
 
     @app.post("/api/similar", response_model=ImageResults, responses=ERRORS, openapi_extra=SIMILAR_BODY)
     async def similar(request: Request, k: int = 10, min_score: float | None = None,
@@ -174,7 +186,8 @@ def create_app(client: Client, thumbnails: Path, metrics: WebMetrics | None = No
                       folder: str = Query(default="", description=FOLDER),
                       page_token: str = Query(default="", description=PAGE),
                       after: str = Query(default="", description=AFTER),
-                      before: str = Query(default="", description=BEFORE)):
+                      before: str = Query(default="", description=BEFORE),
+                      explain: bool = Query(default=False, description=EXPLAIN)):
         """Images similar to an uploaded photo, or to an indexed one given as `{"id": ...}`."""
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -185,11 +198,12 @@ def create_app(client: Client, thumbnails: Path, metrics: WebMetrics | None = No
                 raise ApiError(400, "INVALID_ARGUMENT", "the id must be a string")
             hits = await run_in_threadpool(gateway(request).similar, id=image_id, k=k, min_score=min_score,
                                            labels=label, folder=folder, page_token=page_token, after=after,
-                                           before=before)
+                                           before=before, explain=explain)
             return CliJson(image_json(image_id, hits))
         data, name = await _upload(request)
         hits = await run_in_threadpool(gateway(request).similar, data, k=k, min_score=min_score, labels=label,
-                                       folder=folder, page_token=page_token, after=after, before=before)
+                                       folder=folder, page_token=page_token, after=after, before=before,
+                                       explain=explain)
         return CliJson(image_json(name, hits))
 
     @app.post("/api/tag", response_model=Tags, responses=ERRORS, openapi_extra=UPLOAD_BODY)

@@ -5,11 +5,29 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+class TermShare(BaseModel):
+    term: str
+    weight: float
+    share: float  # of the score; a result's shares add up to its score
+
+
+class ClassResult(BaseModel):
+    name: str
+    score: float
+
+
+class Explanation(BaseModel):
+    shares: list[TermShare]
+    words: list["WordResult"]  # the photo's 5 nearest words: its own top tags
+    classes: list[ClassResult]  # its 3 nearest ImageNet classes (conse, hybrid, gated; none in devise)
+
+
 class ImageResult(BaseModel):
     id: str
     path: str
     label: str | None
     score: float
+    explanation: Explanation | None = None  # only with explain=true
 
 
 class ImageResults(BaseModel):
@@ -46,3 +64,6 @@ SIMILAR_BODY = {"requestBody": {"content": {
     **UPLOAD_BODY["requestBody"]["content"],
     "application/json": {"schema": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}},
 }}}
+
+
+Explanation.model_rebuild()

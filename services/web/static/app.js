@@ -30,6 +30,10 @@ function minScoreParam() {
   return value === "" ? "" : `&min_score=${encodeURIComponent(value)}`;
 }
 
+function explainParam() {
+  return $("explain").checked ? "&explain=true" : "";
+}
+
 function imageUrl(id, thumbnail) {
   return "/api/images/" + id.split("/").map(encodeURIComponent).join("/") + (thumbnail ? "/thumbnail" : "");
 }
@@ -52,6 +56,7 @@ function setUrl(params) {
   const search = new URLSearchParams(params);
   if (pageSize() !== 24) search.set("k", pageSize());
   if ($("min-score").value.trim() !== "") search.set("min_score", $("min-score").value.trim());
+  if ($("explain").checked) search.set("explain", "1");
   const url = search.toString() ? `/?${search}` : "/";
   if (url !== location.pathname + location.search) history.pushState(null, "", url);
 }
@@ -75,10 +80,22 @@ function card(hit) {
   score.textContent = hit.score.toFixed(3);
   caption.append(label, score);
   figure.append(img, caption);
+  if (hit.explanation) figure.append(why(hit.explanation));
   const open = () => similarToId(hit.id, hit.label);
   figure.addEventListener("click", open);
   figure.addEventListener("keydown", (event) => { if (event.key === "Enter") open(); });
   return figure;
+}
+
+// Why a photo matched: each query term's share of its score, the photo's words and ImageNet classes.
+function why(explanation) {
+  const box = document.createElement("div");
+  box.className = "why";
+  const line = (text) => { const p = document.createElement("p"); p.textContent = text; box.append(p); };
+  line(explanation.shares.map((s) => `${s.term} ${s.share >= 0 ? "+" : "−"}${Math.abs(s.share).toFixed(3)}`).join("  "));
+  line("words: " + explanation.words.map((w) => w.word).join(", "));
+  if (explanation.classes.length) line("classes: " + explanation.classes.map((c) => c.name).join(", "));
+  return box;
 }
 
 function chip(word, score, onClick) {
@@ -131,18 +148,36 @@ function search(q, push = true) {
   $("q").value = q;
   if (push) setUrl({q});
   return show({title: `for “${q}”`, fetch: async (k) =>
-    (await api(`/api/search?q=${encodeURIComponent(q)}&k=${k}${minScoreParam()}`)).results});
+    (await api(`/api/search?q=${encodeURIComponent(q)}&k=${k}${minScoreParam()}${explainParam()}`)).results});
+}
+
+// Words and an indexed photo in one query: the photo's "+ words" form.
+function searchLike(q, id, push = true) {
+  clearMessages();
+  if (push) setUrl(q ? {q, like: id} : {like: id});
+  showQueryPhoto(id, `Photos like ${id}${q ? " + " + q : ""}`);
+  $("like-words").value = q;
+  const words = q ? `q=${encodeURIComponent(q)}&` : "";
+  return show({title: `like ${id}${q ? " + “" + q + "”" : ""}`, fetch: async (k) =>
+    (await api(`/api/search?${words}like=${encodeURIComponent(id)}&k=${k}${minScoreParam()}${explainParam()}`)).results});
+}
+
+function showQueryPhoto(id, title) {
+  $("query").hidden = false;
+  $("query-photo").src = imageUrl(id, true);
+  $("query-title").textContent = title;
+  $("tags").replaceChildren();
+  $("like-form").hidden = false;
+  $("like-form").dataset.id = id;
+  window.scrollTo(0, 0);
 }
 
 function similarToId(id, label, push = true) {
   clearMessages();
   if (push) setUrl({similar: id});
-  $("query").hidden = false;
-  $("query-photo").src = imageUrl(id, true);
-  $("query-title").textContent = `Photos like ${id}${label ? " (" + label + ")" : ""}`;
-  $("tags").replaceChildren();
-  window.scrollTo(0, 0);
-  return show({title: `like ${id}`, fetch: async (k) => (await api(`/api/similar?k=${k}${minScoreParam()}`, {
+  showQueryPhoto(id, `Photos like ${id}${label ? " (" + label + ")" : ""}`);
+  $("like-words").value = "";
+  return show({title: `like ${id}`, fetch: async (k) => (await api(`/api/similar?k=${k}${minScoreParam()}${explainParam()}`, {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({id})})).results});
 }
 
@@ -153,12 +188,13 @@ async function upload(file) {
   $("query-photo").src = URL.createObjectURL(file);
   $("query-title").textContent = `Tags for ${file.name}`;
   $("tags").replaceChildren();
+  $("like-form").hidden = true;  // an uploaded photo has no id to add words to
   const form = () => { const data = new FormData(); data.append("image", file); return data; };
   const tagging = api("/api/tag?k=8", {method: "POST", body: form()}).then((answer) => {
     $("tags").replaceChildren(...answer.tags.map((t) => chip(t.word, t.score, () => search(t.word))));
   }, showError);
   await Promise.all([tagging, show({title: `like ${file.name}`, fetch: async (k) =>
-    (await api(`/api/similar?k=${k}${minScoreParam()}`, {method: "POST", body: form()})).results})]);
+    (await api(`/api/similar?k=${k}${minScoreParam()}${explainParam()}`, {method: "POST", body: form()})).results})]);
 }
 
 async function similarWords(word, push = true) {
@@ -179,7 +215,9 @@ function fromUrl() {
   const params = new URLSearchParams(location.search);
   if (params.has("k")) $("k").value = params.get("k");
   if (params.has("min_score")) $("min-score").value = params.get("min_score");
-  if (params.get("q")) search(params.get("q"), false);
+  $("explain").checked = params.get("explain") === "1";
+  if (params.get("like")) searchLike(params.get("q") || "", params.get("like"), false);
+  else if (params.get("q")) search(params.get("q"), false);
   else if (params.get("similar")) similarToId(params.get("similar"), null, false);
   if (params.get("word")) similarWords(params.get("word"), false);
 }
@@ -194,6 +232,10 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     const word = $("word").value.trim();
     if (word) similarWords(word);
+  });
+  $("like-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    searchLike($("like-words").value.trim(), $("like-form").dataset.id);
   });
   $("more").addEventListener("click", more);
   $("upload").addEventListener("change", () => { if ($("upload").files[0]) upload($("upload").files[0]); });
