@@ -1,17 +1,21 @@
-"""Serving under load on loopback: text Search through the gateway and the same searches on the
-index service directly (the gateway's cost as a ratio), and image-query latency. The load comes
-from separate processes so the client's own GIL does not cap it."""
+"""Serving under load on loopback: text Search through the gateway (with its text-vector cache, and a
+second gateway without it) and the same searches on the index service directly (the gateway's cost as
+a ratio), and image-query latency. The load comes from separate processes so the client's own GIL does
+not cap it."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from bench.capacity import running_services
+from bench.capacity import REPO, _free_port, running_services
 
 WORDS = ["dog", "cat", "ship", "truck", "horse", "bird", "frog", "deer", "airplane", "car", "boat", "sea",
          "road", "sky", "water", "animal", "plane", "house", "tree", "green"]
@@ -121,20 +125,61 @@ def _cpu_seconds(processes) -> list[float]:
     return seconds
 
 
+@contextmanager
+def gateway_without_text_cache(addresses: dict[str, str]):
+    """One more gateway process in front of the same encoder and index, keeping no text vectors."""
+    from services.common.wait_ready import wait_serving
+
+    address = f"127.0.0.1:{_free_port()}"
+    process = subprocess.Popen([sys.executable, "-m", "services.gateway.server", "--port", address.rsplit(":", 1)[1],
+                                "--encoder", addresses["encoder"], "--index", addresses["index"], "--text-cache", "0"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_serving(address)
+        yield address, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def measured(kind: str, address: str, seconds: float, clients: int, processes: list, names: tuple[str, ...],
+             payload: bytes = b"") -> dict:
+    """load(), with the CPU milliseconds each of `processes` spent per query."""
+    before = _cpu_seconds(processes)
+    result = load(kind, address, seconds, clients, 4, payload)
+    spent = [after - start for after, start in zip(_cpu_seconds(processes), before)]
+    result["cpu_ms_per_query"] = {name: round(cpu / (result["qps"] * seconds) * 1000, 3)
+                                  for name, cpu in zip(names, spent)}
+    return result
+
+
 def bench(artifacts: str, photo: Path, seconds: float = 10.0, clients: int = 16) -> dict:
     with running_services(artifacts) as (addresses, servers):
         gateway, index = addresses["gateway"], addresses["index"]
-        before = _cpu_seconds(servers)
-        text = load("gateway", gateway, seconds, clients, 4)
-        spent = [after - start for after, start in zip(_cpu_seconds(servers), before)]
-        queries = text["qps"] * seconds
-        text["cpu_ms_per_query"] = {name: round(cpu / queries * 1000, 3)
-                                    for name, cpu in zip(("index", "encoder", "gateway"), spent)}
-        before = _cpu_seconds(servers)
-        direct = load("index", index, seconds, clients, 4, addresses["encoder"].encode())
-        direct["cpu_ms_per_query"] = {
-            "index": round((_cpu_seconds(servers)[0] - before[0]) / (direct["qps"] * seconds) * 1000, 3)}
+        text = measured("gateway", gateway, seconds, clients, servers, ("index", "encoder", "gateway"))
+        with gateway_without_text_cache(addresses) as (uncached_address, uncached):
+            uncached_text = measured("gateway", uncached_address, seconds, clients, [*servers[:2], uncached],
+                                     ("index", "encoder", "gateway"))
+        direct = measured("index", index, seconds, clients, servers[:1], ("index",), addresses["encoder"].encode())
         image = load("image", gateway, seconds, 2, 2, photo.read_bytes())
-    return {"gateway_text_search": text, "index_search_direct": direct, "gateway_image_similar": image,
+    return {"gateway_text_search": text, "gateway_text_search_no_text_cache": uncached_text,
+            "index_search_direct": direct, "gateway_image_similar": image,
             "gateway_overhead_p50": round(text["p50_ms"] / direct["p50_ms"], 2),
-            "gateway_qps_ratio": round(direct["qps"] / text["qps"], 2)}
+            "gateway_qps_ratio": round(direct["qps"] / text["qps"], 2),
+            "gateway_qps_ratio_no_text_cache": round(direct["qps"] / uncached_text["qps"], 2)}
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="the gateway's cost against the index's, under load")
+    parser.add_argument("--artifacts", default="artifacts")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--photo", default=str(REPO.parent / "shared/data/cifar10/test/ship/0000.jpg"))
+    args = parser.parse_args()
+    print(json.dumps(bench(args.artifacts, Path(args.photo), args.seconds), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -286,3 +286,25 @@ def test_web_counts_requests_by_route_template_and_status(services, tmp_path):
                  le="+Inf") == 3
     assert value(samples, "http_server_in_flight") == 0
 
+
+
+def test_a_repeated_text_query_skips_the_encoder(fake_downstream):
+    """The gateway keeps text queries' vectors by query and version: the second `cat` calls only the index."""
+    from services.gateway import server as gateway_server
+
+    encoder, index = fake_downstream
+    telemetry = metrics.Telemetry("gateway", metrics_port=0)
+    with gateway_server.run_server(0, encoder, index, telemetry=telemetry) as (_, port):
+        wait_serving(f"127.0.0.1:{port}", timeout=30)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            answers = [stub.Search(gateway_pb2.SearchRequest(text=text, k=3), timeout=10)
+                       for text in ("cat", "dog", "cat")]
+        samples = scrape(telemetry.port)
+    assert answers[0] == answers[2]
+    assert value(samples, "semsearch_downstream_seconds_count", hop="encoder", grpc_method="EncodeText",
+                 grpc_code="OK") == 2
+    assert value(samples, "semsearch_downstream_seconds_count", hop="index", grpc_method="Search",
+                 grpc_code="OK") == 3
+    assert value(samples, "semsearch_text_cache_lookups_total", result="hit") == 1
+    assert value(samples, "semsearch_text_cache_lookups_total", result="miss") == 2

@@ -83,6 +83,8 @@ class Telemetry:
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.in_flight = Gauge("grpc_server_in_flight", "gRPC calls running now", labels, registry=registry)
         if kind == "gateway":
+            self.text_cache = Counter("semsearch_text_cache_lookups", "text queries' vectors looked up in the "
+                                      "gateway's cache, by result (hit: no encoder call)", ["result"], registry=registry)
             self.downstream = Histogram("semsearch_downstream_seconds", "each call to a downstream service",
                                         ["hop", "grpc_method", "grpc_code"], buckets=LATENCY_BUCKETS,
                                         registry=registry)

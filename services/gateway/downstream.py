@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from semsearch.v1 import encoder_pb2_grpc, index_pb2, index_pb2_grpc
+from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from services.common import security
 from services.common.metrics import Telemetry
 from services.common import server as common
@@ -199,6 +199,15 @@ class Downstream:
             if response.status != health_pb2.HealthCheckResponse.SERVING:
                 return False
         return True
+
+    def encoder_version(self) -> str:
+        """The artifact version the encoder serves now ("" when it does not answer)."""
+        try:
+            info = encoder_pb2_grpc.EncoderStub(self.channels["encoder"]).Info(encoder_pb2.EncoderInfoRequest(),
+                                                                              timeout=HEALTH_TIMEOUT)
+        except grpc.RpcError:
+            return ""
+        return info.artifact_version
 
     def close(self) -> None:
         for ch in [*self.channels.values(), *self.shard_channels]:

@@ -9,6 +9,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Iterator
 
 import grpc
@@ -25,6 +26,7 @@ from services.common.ids import image_id
 from services.gateway import explain
 from services.gateway.downstream import Downstream, VersionMismatch
 from services.gateway.paging import BadScope, Scope
+from services.gateway.text_cache import DEFAULT_SIZE as DEFAULT_TEXT_CACHE, TextVectorCache
 from services.gateway.terms import BadTerms, Query, query_of
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Each answer comes from one artifact version: a query vector is searched only in an index of
     the version that made it (see `_on_one_version`)."""
 
-    def __init__(self, downstream: Downstream):
+    def __init__(self, downstream: Downstream, text_cache: TextVectorCache | None = None,
+                 telemetry: metrics.Telemetry | None = None):
         self.downstream = downstream
+        self.text_cache = text_cache if text_cache is not None else TextVectorCache(0)
+        self.telemetry = telemetry
 
     def Search(self, request, context):
         _check_k(request.k, context)
@@ -101,11 +106,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         query = _query(request, context)
         if query.plain_text is not None and not request.explain:
             def attempt(version: str):
-                encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeText,
-                                               encoder_pb2.EncodeTextRequest(text=query.plain_text, artifact_version=version),
-                                               context)
-                return self._search("images", context, request.k, min_score, encoded.vector.values,
-                                    encoded.artifact_version, scope)
+                vector, version = self._text_vector(query.plain_text, version, context)
+                return self._search("images", context, request.k, min_score, vector, version, scope)
         elif query.plain_image is not None and not request.explain:
             def attempt(version: str):
                 return self._search_by_image("images", query.plain_image, version, context, request.k, min_score,
@@ -138,6 +140,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return Explained(response, self._explanations(explain.single_term_shares(name, response), response,
                                                           context))
         return self._images_page(attempt, scope, request.k, context)
+
+    def _text_vector(self, text: str, version: str, context) -> tuple[Sequence[float], str]:
+        """A text query's vector and its version: kept from an earlier query, else from the encoder."""
+        kept = self.text_cache.get(text, version)
+        if self.telemetry is not None and self.telemetry.metrics_on and self.text_cache.size:
+            self.telemetry.text_cache.labels("hit" if kept is not None else "miss").inc()
+        if kept is not None:
+            return kept
+        encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeText,
+                                       encoder_pb2.EncodeTextRequest(text=text, artifact_version=version), context)
+        if not version:
+            self.text_cache.current = encoded.artifact_version
+        self.text_cache.put(text, encoded.artifact_version, encoded.vector.values)
+        return encoded.vector.values, encoded.artifact_version
 
     def _images_page(self, attempt, scope: Scope, k: int, context) -> gateway_pb2.ImageResults:
         """A first page from whatever version encoder and index agree on; a next page from its token's."""
@@ -320,11 +336,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self.downstream.call("index", self.downstream.index.Search, request, context)
 
 
-def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.Event) -> None:
-    """SERVING while every downstream service is; rechecked every second."""
+def _watch_downstream(downstream: Downstream, health_servicer, stop: threading.Event,
+                      text_cache: TextVectorCache) -> None:
+    """SERVING while every downstream service is; rechecked every second, with the encoder's version."""
     serving = None
     while not stop.is_set():
         now = downstream.all_serving()
+        if now and text_cache.size:
+            text_cache.current = downstream.encoder_version() or text_cache.current
         if now != serving:
             common.set_serving(health_servicer, [SERVICE], now)
             log.info("downstream services %s", "SERVING" if now else "not serving")
@@ -337,7 +356,8 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
                timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None,
                tls: security.ServerTls | None = None, downstream_tls: security.ClientTls | None = None,
                tokens: list[str] | None = None, limits: Limits | None = None,
-               telemetry: metrics.Telemetry | None = None) -> Iterator[tuple[grpc.Server, int]]:
+               telemetry: metrics.Telemetry | None = None, text_cache_size: int = DEFAULT_TEXT_CACHE
+               ) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the gateway on `port` (0 picks a free one); SERVING while every downstream service is.
 
     Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
@@ -345,10 +365,12 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
     every call but health needs `authorization: Bearer <one of them>` (reflection too). `telemetry`:
     metrics (each downstream hop timed too), request logs and traces (each hop a span; its context goes
     downstream in the call's metadata) (default: none, unless a global SDK tracer provider is set).
+    `text_cache_size`: how many text queries' vectors to keep (services/gateway/text_cache.py; 0: none).
     """
     telemetry = telemetry or metrics.Telemetry("gateway")
     downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls, telemetry)
-    servicer = GatewayServicer(downstream)
+    text_cache = TextVectorCache(text_cache_size)
+    servicer = GatewayServicer(downstream, text_cache, telemetry)
 
     def add(server: grpc.Server) -> list[str]:
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -358,7 +380,7 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
     interceptors = [security.BearerTokenInterceptor(tokens)] if tokens else []
     with common.grpc_server(port, add, host=host, tls=tls, interceptors=interceptors,
                             limits=limits, telemetry=telemetry) as (server, bound, health_servicer):
-        watcher = threading.Thread(target=_watch_downstream, args=(downstream, health_servicer, stop),
+        watcher = threading.Thread(target=_watch_downstream, args=(downstream, health_servicer, stop, text_cache),
                                    name="gateway-health", daemon=True)
         watcher.start()
         try:
@@ -381,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "$IMAGE_SHARDS, space-separated, else the images index of --index)")
     parser.add_argument("--timeout", type=float, default=float(env("DOWNSTREAM_TIMEOUT", DEFAULT_TIMEOUT)),
                         help="deadline in seconds for each downstream call")
+    parser.add_argument("--text-cache", type=int, default=int(env("TEXT_CACHE", DEFAULT_TEXT_CACHE)),
+                        help=f"text queries whose vectors are kept, so a repeated query skips the encoder "
+                             f"(0: none; default {DEFAULT_TEXT_CACHE})")
     security.add_server_tls_arguments(parser)
     security.add_client_tls_arguments(parser, "downstream-", "DOWNSTREAM_", "the encoder and index")
     security.add_token_arguments(parser)
@@ -390,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.text_cache < 0:
+        parser.error(f"--text-cache must be >= 0, not {args.text_cache}")
     common.start_entry_point("gateway", log_format=args.log_format)
     stop = threading.Event()
     shards = args.image_shard or os.environ.get("IMAGE_SHARDS", "").split()
@@ -399,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = security.or_exit("gateway", security.tokens_from_args, args)
     with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards,
                     tls=tls, downstream_tls=downstream_tls, tokens=tokens, limits=limits_module.limits_from_args(args),
-                    telemetry=metrics.telemetry_from_args(args, "gateway")):
+                    telemetry=metrics.telemetry_from_args(args, "gateway"), text_cache_size=args.text_cache):
         common.wait_for_signal(stop)
 
 
