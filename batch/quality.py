@@ -161,20 +161,32 @@ def held_out_labels(labels: list[str], requested: list[str] | None = None, seed:
     return sorted(rng.choice(labels, size=max(1, len(labels) // 5), replace=False).tolist())
 
 
-def train_extras(features: np.ndarray, label_ids: np.ndarray, labels: list[str], targets: np.ndarray,
-                 train_rows: np.ndarray, val_rows: np.ndarray, config, storage: Path,
-                 held_out: list[str]) -> Extras:
-    """Train the softmax baseline and the zero-shot head with Ray Train (same rows, same recipe)."""
-    from batch.train_head import train_head
+def extra_jobs(label_ids: np.ndarray, labels: list[str], targets: np.ndarray, train_rows: np.ndarray,
+               val_rows: np.ndarray, config, held_out: list[str]) -> list:
+    """The softmax baseline's and the zero-shot head's training jobs (same rows, same recipe).
 
-    softmax = train_head(features, label_ids, np.eye(len(labels), dtype=np.float32), train_rows, val_rows,
-                         type(config)(**{**config.__dict__, "loss": "softmax"}), storage)
-    # The zero-shot head sees neither the held-out labels' photos nor their words (not even as negatives).
+    The zero-shot head sees neither the held-out labels' photos nor their words (not even as negatives).
+    """
+    from batch.train_head import HeadJob
+
+    softmax = HeadJob(label_ids, np.eye(len(labels), dtype=np.float32), train_rows, val_rows,
+                      type(config)(**{**config.__dict__, "loss": "softmax"}), "softmax baseline")
     seen = np.asarray([label not in held_out for label in labels])
     unseen = ~seen[label_ids]
     remap = np.cumsum(seen) - 1
-    zero_shot = train_head(features, remap[label_ids], targets[seen], train_rows[~unseen[train_rows]],
-                           val_rows[~unseen[val_rows]], config, storage)
+    zero_shot = HeadJob(remap[label_ids], targets[seen], train_rows[~unseen[train_rows]],
+                        val_rows[~unseen[val_rows]], config, "zero-shot head")
+    return [softmax, zero_shot]
+
+
+def train_extras(features: np.ndarray, label_ids: np.ndarray, labels: list[str], targets: np.ndarray,
+                 train_rows: np.ndarray, val_rows: np.ndarray, config, storage: Path,
+                 held_out: list[str]) -> Extras:
+    """Train the softmax baseline and the zero-shot head with Ray Train, in one run."""
+    from batch.train_head import train_heads
+
+    softmax, zero_shot = train_heads(features, extra_jobs(label_ids, labels, targets, train_rows, val_rows, config,
+                                                          held_out), storage)
     return Extras(softmax.head, zero_shot.head, list(held_out))
 
 

@@ -29,7 +29,7 @@ from batch.extract import Extraction, extract
 from batch.images import ImageRecord, labelled, list_images
 from batch.modes import build_modes
 from batch.publish import new_staging, publish
-from batch.train_head import HeadConfig, TrainedHead, split, train_head
+from batch.train_head import HeadConfig, HeadJob, TrainedHead, split, train_heads
 from services.common import artifact
 from services.encoder.modes import FILE as MODES_FILE, Familiarity, Modes, QueryExpansion
 from services.index import live
@@ -159,6 +159,7 @@ class Training:
     train_rows: np.ndarray
     val_rows: np.ndarray
     tag_hit1: float
+    extras: quality.Extras | None = None  # the softmax baseline and the zero-shot head (quality runs)
 
 
 @dataclass
@@ -179,7 +180,7 @@ def run(options: Options) -> Path:
     space = load_space(options, inputs.labels)
     onnx_path = backbone_onnx(options)
     extracted = extract_features(options, inputs, onnx_path)
-    training = fit_head(options, extracted, space)
+    training = fit_head(options, inputs.labels, extracted, space)
     chosen = choose_modes(options, onnx_path, inputs.labels, extracted, training, space)
     image_vectors = chosen.modes.embed(np.stack([extracted.extraction.features[r.path] for r in extracted.index]))
     staging = new_staging(options.artifacts)
@@ -240,14 +241,22 @@ def extract_features(options: Options, inputs: Inputs, onnx_path: Path) -> Extra
     return Extracted(extraction, len(all_records), train_ok, index_ok, features, label_ids, open_records)
 
 
-def fit_head(options: Options, extracted: Extracted, space: Space) -> Training:
-    """The head (Ray Train) on the training split, and its tag hit@1 on the validation split."""
+def fit_head(options: Options, labels: list[str], extracted: Extracted, space: Space) -> Training:
+    """The head (Ray Train) on the training split, and its tag hit@1 on the validation split; with the
+    quality extras (three labels or more, a validation split), the softmax baseline and the zero-shot
+    head too, in the same Ray Train run."""
     train_rows, val_rows = split(extracted.label_ids, options.val_fraction, options.head.seed)
-    trained = train_head(extracted.features, extracted.label_ids, space.targets, train_rows, val_rows, options.head,
-                         options.cache / "ray-train")
+    jobs = [HeadJob(extracted.label_ids, space.targets, train_rows, val_rows, options.head)]
+    held = None
+    if options.quality and len(labels) >= 3 and len(val_rows):
+        held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
+        jobs += quality.extra_jobs(extracted.label_ids, labels, space.targets, train_rows, val_rows, options.head,
+                                   held)
+    trained, *extra_heads = train_heads(extracted.features, jobs, options.cache / "ray-train")
+    extras = quality.Extras(extra_heads[0].head, extra_heads[1].head, held) if held is not None else None
     val_tag = tag_hit_at_1(trained.head(extracted.features[val_rows]), [extracted.train[i].label for i in val_rows],
                            space.words) if len(val_rows) else 0.0
-    return Training(trained, train_rows, val_rows, val_tag)
+    return Training(trained, train_rows, val_rows, val_tag, extras)
 
 
 def encoder_modes(onnx_path: Path, extracted: Extracted, training: Training, space: Space, parts: ClassParts
@@ -278,12 +287,8 @@ def choose_modes(options: Options, onnx_path: Path, labels: list[str], extracted
     parts = class_parts(space.vocabulary.rows, space.words.vectors, space.names)
     modes = encoder_modes(onnx_path, extracted, training, space, parts)
     open_set = open_set_of(extracted, space)
-    extras, mode_params, quality_report = None, modes.params.to_dict(), {}
+    extras, mode_params, quality_report = training.extras, modes.params.to_dict(), {}
     val_rows, x, y = training.val_rows, extracted.features, extracted.label_ids
-    if options.quality and len(labels) >= 3 and len(val_rows):
-        held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
-        extras = quality.train_extras(x, y, labels, space.targets, training.train_rows, val_rows, options.head,
-                                      options.cache / "ray-train", held)
     if len(val_rows):
         zs_rows = quality.zero_shot_rows(y, val_rows, labels, extras.held_out) if extras else val_rows
         modes, mode_params = quality.choose(

@@ -79,19 +79,48 @@ def head_loss(outputs, labels, label_vectors, kind: str, margin: float, temperat
     return violations.sum(1).mean()
 
 
+@dataclass(frozen=True)
+class HeadJob:
+    """One head to train on rows of a shared feature matrix: `labels` (N,) are rows of `label_vectors`."""
+
+    labels: np.ndarray
+    label_vectors: np.ndarray
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    config: HeadConfig
+    name: str = "head"
+
+
 def _train_loop(config: dict) -> None:
-    """Runs on each Ray Train worker; rank 0 alone writes the checkpoint."""
+    """Runs on each Ray Train worker: every job's head in turn; rank 0 alone writes the checkpoint."""
     import ray.train
-    import ray.train.torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(config["seed"])
     data = ray.get(config["data_ref"])
-    train_x = torch.from_numpy(data["train_x"][rank::world].copy())
-    train_y = torch.from_numpy(data["train_y"][rank::world].copy())
-    val_x, val_y = torch.from_numpy(data["val_x"].copy()), torch.from_numpy(data["val_y"].copy())
-    label_vectors = torch.from_numpy(data["label_vectors"].copy())
+    results = [_train_one(job, data["features"], rank, world) for job in data["jobs"]]
+    metrics = {"jobs": [job_metrics for _, job_metrics in results]}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as directory:
+            for number, (state, _) in enumerate(results):
+                torch.save(state, Path(directory) / f"head-{number}.pt")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics)
+
+
+def _train_one(job: dict, features: np.ndarray, rank: int, world: int) -> tuple[dict, dict]:
+    """One head's epochs on this worker's share of its training rows: (best state, its metrics)."""
+    import ray.train.torch
+
+    config = job["config"]
+    torch.manual_seed(config["seed"])
+    train_rows = job["train_rows"][rank::world]
+    train_x = torch.from_numpy(features[train_rows].astype(np.float32))
+    train_y = torch.from_numpy(job["labels"][train_rows].astype(np.int64))
+    val_x = torch.from_numpy(features[job["val_rows"]].astype(np.float32))
+    val_y = torch.from_numpy(job["labels"][job["val_rows"]].astype(np.int64))
+    label_vectors = torch.from_numpy(job["label_vectors"].astype(np.float32))
     module = build_module(train_x.shape[1], label_vectors.shape[1], config["dropout"])
     model = ray.train.torch.prepare_model(module)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
@@ -124,13 +153,7 @@ def _train_loop(config: dict) -> None:
             best = (val_hit1, {k: v.clone() for k, v in module.state_dict().items()}, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / len(order), "val_hit1": val_hit1,
                         "seconds": time.perf_counter() - started})
-    metrics = {"best_val_hit1": best[0], "best_epoch": best[2], "history": history}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as directory:
-            torch.save(best[1], Path(directory) / "head.pt")
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
-    else:
-        ray.train.report(metrics)
+    return best[1], {"best_val_hit1": best[0], "best_epoch": best[2], "history": history}
 
 
 @dataclass
@@ -153,41 +176,42 @@ def split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(np.asarray(train, dtype=int)), np.sort(np.asarray(val, dtype=int))
 
 
-def train_head(
-    features: np.ndarray,
-    labels: np.ndarray,
-    label_vectors: np.ndarray,
-    train_rows: np.ndarray,
-    val_rows: np.ndarray,
-    config: HeadConfig,
-    storage: Path,
-) -> TrainedHead:
+def train_head(features: np.ndarray, labels: np.ndarray, label_vectors: np.ndarray, train_rows: np.ndarray,
+               val_rows: np.ndarray, config: HeadConfig, storage: Path) -> TrainedHead:
     """features (N, F), labels (N,) as rows of label_vectors (L, D, unit) -> a trained Head."""
+    return train_heads(features, [HeadJob(labels, label_vectors, train_rows, val_rows, config)], storage)[0]
+
+
+def train_heads(features: np.ndarray, jobs: list[HeadJob], storage: Path) -> list[TrainedHead]:
+    """Every job's head in one Ray Train run (one worker group, the features sent once), in turn."""
     started = time.perf_counter()
-    data = {
-        "train_x": features[train_rows].astype(np.float32), "train_y": labels[train_rows].astype(np.int64),
-        "val_x": features[val_rows].astype(np.float32), "val_y": labels[val_rows].astype(np.int64),
-        "label_vectors": label_vectors.astype(np.float32),
-    }
-    loop_config = {**config.__dict__, "data_ref": ray.put(data)}
-    log.info("training the head with Ray Train: %d epochs on %d images (%d for validation)",
-             config.epochs, len(train_rows), len(val_rows))
+    data = {"features": features.astype(np.float32),
+            "jobs": [{"labels": job.labels, "label_vectors": job.label_vectors, "train_rows": job.train_rows,
+                      "val_rows": job.val_rows, "config": job.config.__dict__} for job in jobs]}
+    for job in jobs:
+        log.info("training the %s with Ray Train: %d epochs on %d images (%d for validation)",
+                 job.name, job.config.epochs, len(job.train_rows), len(job.val_rows))
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=False),
+        train_loop_config={"data_ref": ray.put(data)},
+        scaling_config=ScalingConfig(num_workers=jobs[0].config.workers, use_gpu=False),
         run_config=RunConfig(storage_path=str(storage.resolve()), name=f"head-{int(time.time())}"),
     )
     result = trainer.fit()
-    module = build_module(features.shape[1], label_vectors.shape[1], config.dropout)
+    seconds = time.perf_counter() - started  # of the whole run, which every job shared
     with result.checkpoint.as_directory() as directory:
-        module.load_state_dict(torch.load(Path(directory) / "head.pt", weights_only=True))
+        return [_trained(job, metrics, Path(directory) / f"head-{number}.pt", features.shape[1], seconds)
+                for number, (job, metrics) in enumerate(zip(jobs, result.metrics["jobs"]))]
+
+
+def _trained(job: HeadJob, metrics: dict, state: Path, input_dimension: int, seconds: float) -> TrainedHead:
+    module = build_module(input_dimension, job.label_vectors.shape[1], job.config.dropout)
+    module.load_state_dict(torch.load(state, weights_only=True))
     module.eval()
-    metrics = result.metrics
     for epoch in metrics["history"]:
-        log.info("head epoch %d/%d: loss %.4f, validation hit@1 %.3f (%.1f s)", epoch["epoch"], config.epochs,
-                 epoch["loss"], epoch["val_hit1"], epoch["seconds"])
-    log.info("head trained: best validation hit@1 %.3f at epoch %d", metrics["best_val_hit1"], metrics["best_epoch"])
-    return TrainedHead(fold(module), float(metrics["best_val_hit1"]), int(metrics["best_epoch"]),
-                       time.perf_counter() - started)
+        log.info("%s epoch %d/%d: loss %.4f, validation hit@1 %.3f (%.1f s)", job.name, epoch["epoch"],
+                 job.config.epochs, epoch["loss"], epoch["val_hit1"], epoch["seconds"])
+    log.info("%s trained: best validation hit@1 %.3f at epoch %d", job.name, metrics["best_val_hit1"],
+             metrics["best_epoch"])
+    return TrainedHead(fold(module), float(metrics["best_val_hit1"]), int(metrics["best_epoch"]), seconds)
