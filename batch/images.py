@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.folder import folder_files
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -22,21 +24,9 @@ class ImageRecord:
 
 
 def list_images(root: str | Path) -> list[ImageRecord]:
-    """Every non-hidden file below `root`, sorted; unreadable ones are found (and reported) later."""
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    records = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            path = Path(directory) / name
-            relative = path.relative_to(root)
-            label = relative.parts[0] if len(relative.parts) > 1 else None
-            records.append(ImageRecord(relative.as_posix(), str(path), label))
-    return records
+    """Every non-hidden file below `root`, sorted, named as services/common/folder.py names them (so the
+    folder watcher agrees); unreadable ones are found (and reported) later."""
+    return [ImageRecord(f.id, f.path, f.label) for f in folder_files(root)]
 
 
 def labelled(records: list[ImageRecord]) -> list[ImageRecord]:

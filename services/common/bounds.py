@@ -10,6 +10,11 @@ MAX_K = 1000  # results per search
 MAX_IMAGES = 64  # images per call (encode, add)
 MAX_LABEL_CHARS = 100  # label of an added image
 MAX_IMAGE_TERMS = 8  # image terms (ids and bytes) in one Search
+MAX_LIST = 1000  # items per listing page
+
+
+def limit_problem(limit: int) -> str | None:
+    return None if 1 <= limit <= MAX_LIST else f"limit must be between 1 and {MAX_LIST}; got {limit}"
 
 
 def k_problem(k: int) -> str | None:

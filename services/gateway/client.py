@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Iterator
 
 from semsearch.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import security
@@ -121,11 +122,15 @@ class Client:
     def words(self, word: str, k: int = 10) -> list[WordHit]:
         return _word_hits(self.stub.SimilarWords(gateway_pb2.SimilarWordsRequest(word=word, k=k), timeout=self.timeout))
 
-    def add_images(self, images: list[bytes], labels: list[str | None] | None = None) -> list[str]:
-        """Add images (with optional labels) to the collection; returns their ids, in order."""
+    def add_images(self, images: list[bytes], labels: list[str | None] | None = None,
+                   ids: list[str] | None = None) -> list[str]:
+        """Add images (with optional labels) to the collection; returns their ids, in order. `ids`: the ids
+        to give them (relative paths, `dog/0001.jpg`; one that the index holds is replaced), else content ids."""
         labels = labels or [None] * len(images)
-        request = gateway_pb2.AddImagesRequest(images=[gateway_pb2.ImageToAdd(image=image, label=label)
-                                                       for image, label in zip(images, labels, strict=True)])
+        ids = ids or [""] * len(images)
+        request = gateway_pb2.AddImagesRequest(images=[
+            gateway_pb2.ImageToAdd(image=image, label=label, id=item_id)
+            for image, label, item_id in zip(images, labels, ids, strict=True)])
         return list(self.stub.AddImages(request, timeout=self.timeout).ids)
 
     def delete_images(self, ids: list[str]) -> int:
@@ -136,6 +141,23 @@ class Client:
         """One indexed image by id (score 0): where its file is and its label."""
         r = self.stub.GetImage(gateway_pb2.GetImageRequest(id=id), timeout=self.timeout)
         return ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score)
+
+    def list_images(self, folder: str = "", after_id: str = "", limit: int = 1000) -> tuple[list[ImageHit], str]:
+        """One page of the indexed images under `folder`, sorted by id, and the after_id of the next page
+        ("" after the last)."""
+        response = self.stub.ListImages(gateway_pb2.ListImagesRequest(folder=folder, after_id=after_id, limit=limit),
+                                        timeout=self.timeout)
+        return [ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score) for r in response.images], \
+            response.next_after_id
+
+    def all_images(self, folder: str = "") -> Iterator[ImageHit]:
+        """Every indexed image under `folder`, by id, a page at a time."""
+        after = ""
+        while True:
+            page, after = self.list_images(folder, after)
+            yield from page
+            if not after:
+                return
 
     def with_token(self, token: str | None) -> "Client":
         """A client on this one's channel (no new connection) that sends `token` instead; close only this one."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import json
 import logging
 
@@ -179,6 +181,14 @@ class Downstream:
                 index="images", ids=[ids[p] for p in positions]), context)
             found.update((item.id, item) for item in answer.items)
         return [found[item_id] for item_id in ids]
+
+    def list_images(self, request: index_pb2.ListItemsRequest, context) -> list[index_pb2.Item]:
+        """The image index's items in id order, from every shard (merged) when it is sharded."""
+        if not self.shards:
+            return list(self.call("index", self.index.ListItems, request, context).items)
+        answers = [self.call_named(self._shard_name(number), stub.ListItems, request, context)
+                   for number, stub in enumerate(self.shards)]
+        return list(itertools.islice(heapq.merge(*(a.items for a in answers), key=lambda item: item.id), request.limit))
 
     def image_stubs(self, ids: list[str]) -> list[tuple[str, object, list[int]]]:
         """(name, stub, positions in `ids`) of each image-index process that owns some of `ids`."""

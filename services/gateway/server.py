@@ -22,7 +22,8 @@ from services.common import metrics
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
-from services.common.ids import image_id
+from services.common.errors import quoted
+from services.common.ids import image_id, path_id_problem
 from services.gateway import explain
 from services.gateway.downstream import Downstream, VersionMismatch
 from services.gateway.paging import BadScope, Scope
@@ -83,6 +84,15 @@ def _image_results(response: index_pb2.IndexSearchResponse,
     for result, explanation in zip(results.results, explanations or ()):
         result.explanation.CopyFrom(explanation)
     return results
+
+
+def _ids_to_add(images, context) -> list[str]:
+    """Each image's id: the one given (a relative path), else its content id."""
+    for image in images:
+        problem = image.id and path_id_problem(image.id)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"id {quoted(image.id)}: {problem}")
+    return [image.id or image_id(image.image) for image in images]
 
 
 def _word_results(response: index_pb2.IndexSearchResponse) -> gateway_pb2.WordResults:
@@ -197,7 +207,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         long = [bounds.label_problem(image.label) for image in request.images if image.HasField("label")]
         if any(long):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, next(p for p in long if p))
-        ids = [image_id(image.image) for image in request.images]
+        ids = _ids_to_add(request.images, context)
 
         def attempt(version: str) -> None:
             encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImages, encoder_pb2.EncodeImagesRequest(
@@ -232,6 +242,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "GetImage needs an image id")
         (item,) = self.downstream.image_items([request.id], context)
         return gateway_pb2.ImageResult(id=item.id, path=item.path, label=item.label if item.HasField("label") else None)
+
+    def ListImages(self, request, context):
+        limit = request.limit or bounds.MAX_LIST
+        problem = bounds.limit_problem(limit)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        items = self.downstream.list_images(index_pb2.ListItemsRequest(
+            index="images", folder=request.folder, after_id=request.after_id, limit=limit), context)
+        return gateway_pb2.ListImagesResponse(
+            images=[gateway_pb2.ImageResult(id=i.id, path=i.path, label=i.label if i.HasField("label") else None)
+                    for i in items],
+            next_after_id=items[-1].id if len(items) == limit else "")
 
     def _on_one_version(self, attempt, context):
         """Run `attempt(version)` ("" first: whatever is current) until encoder and index agree.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -267,6 +269,27 @@ class VectorIndex:
         """Ids as UTF-8 bytes, for filtering by folder prefix without a Python loop."""
         return np.asarray([item.id.encode() for item in self.items], dtype=bytes)
 
+    def list_items(self, folder: str, after_id: str, limit: int) -> list[Item]:
+        """At most `limit` items under `folder` (a prefix as folder_prefix gives it) with ids after
+        `after_id`, sorted by id (UTF-8 bytes, which is code point order)."""
+        start = max(np.searchsorted(self._sorted_ids, folder.encode(), "left"),
+                    np.searchsorted(self._sorted_ids, after_id.encode(), "right") if after_id else 0)
+        found = []
+        for row in self._by_id[start:start + limit].tolist():
+            if not self.items[row].id.startswith(folder):
+                break
+            found.append(self.items[row])
+        return found
+
+    @cached_property
+    def _by_id(self) -> np.ndarray:
+        """The rows in id order (for listing)."""
+        return np.argsort(self._ids, kind="stable")
+
+    @cached_property
+    def _sorted_ids(self) -> np.ndarray:
+        return self._ids[self._by_id]
+
     def _nearest(self, query: np.ndarray, wanted: int, depth: int = 1):
         if self.config.method == "brute_force":
             return self.searcher.search(query, final_num_neighbors=wanted)
@@ -316,6 +339,11 @@ def _load_searcher(scann_dir: Path):
     return scann_ops_pybind.ScannSearcher(scann_ops_pybind.scann_pybind.ScannNumpy(str(scann_dir), assets), None)
 
 
+def first_by_id(item_lists: list[list[Item]], limit: int) -> list[Item]:
+    """The first `limit` items of lists each sorted by id, merged."""
+    return list(itertools.islice(heapq.merge(*item_lists, key=lambda item: item.id), limit))
+
+
 def merge(hit_lists: list[list[Hit]], k: int) -> list[Hit]:
     """The global top k of per-shard top-k lists (exact when each list is exact)."""
     return sharding.merge(hit_lists, k, lambda hit: (hit.score, hit.item.id))
@@ -345,6 +373,9 @@ class ShardedIndex:
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = (),
                selection: Selection = EVERYTHING) -> list[Hit]:
         return merge([shard.search(query, k, min_score, exclude, selection) for shard in self.shards], k)
+
+    def list_items(self, folder: str, after_id: str, limit: int) -> list[Item]:
+        return first_by_id([shard.list_items(folder, after_id, limit) for shard in self.shards], limit)
 
 
 def _shard_dirs(directory: Path) -> list[Path]:

@@ -4,6 +4,11 @@ The log is the truth: an index service applies it on top of the artifact it load
 every artifact switch, and each time it polls, which also keeps replicas in step), and batch-train
 folds it into the next artifact. Applying is idempotent and in log order, so replaying the whole
 log over any artifact version gives the same membership as the last operation on each id.
+
+An added image's id is its content id (`added/<sha256 prefix>`) or one the caller gave (a path, as a
+watched folder names its files). An add of a given id the artifact already holds replaces it, unless
+the artifact's image is the very copy the add stored (batch-train or make index folded that add in,
+and embedded it with the artifact's own model).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import numpy as np
 
 from services.common import bounds
 from services.common.errors import listed, quoted
-from services.common.ids import image_id, is_image_id
+from services.common.ids import ID_PREFIX, image_id, is_image_id, path_id_problem
 from services.common.items import Item
 from services.common.taken import taken
 from services.common.shards import shard_of
-from services.index.core import Hit, InvalidQuery, UnknownId, check_k, check_min_score, merge, unit_query
+from services.index.core import (Hit, InvalidQuery, UnknownId, check_k, check_min_score, first_by_id, merge,
+                                 unit_query)
 from services.index.selection import EVERYTHING, Selection
 from services.index.live_log import (  # noqa: F401  (re-exported: the log's names are part of this module's API)
     IMAGES_DIR, LIVE_DIR, LOCK_NAME, LOG_NAME, Entry, LiveLog, image_file, live_dir, membership,
@@ -40,7 +46,7 @@ class _Delta:
     items: tuple[Item, ...]
     vectors: np.ndarray
     rows: dict[str, int]
-    deleted: frozenset[str]
+    deleted: frozenset[str]  # the artifact's own images left out: deleted, or replaced by an item above
 
 
 class LiveImages:
@@ -87,7 +93,16 @@ class LiveImages:
 
     def contains(self, item_id: str) -> bool:
         delta = self._delta
-        return item_id not in delta.deleted and (item_id in delta.rows or self._in_base(item_id))
+        return item_id in delta.rows or (item_id not in delta.deleted and self._in_base(item_id))
+
+    def _folded_in(self, entry: Entry) -> bool:
+        """Whether the artifact holds this add already: a content id it holds, or an image whose file
+        is the copy this add stored."""
+        try:
+            path = self.base.item_of(entry.id).path
+        except UnknownId:
+            return False
+        return is_image_id(entry.id) or Path(path).name == Path(entry.file).name
 
     def refresh(self) -> int:
         """Apply what the log gained since the last call; returns how many entries that was."""
@@ -120,10 +135,14 @@ class LiveImages:
                 if self._in_base(entry.id):  # only the artifact's own images need hiding
                     deleted.add(entry.id)
                 continue
-            deleted.discard(entry.id)
             self._files[entry.id] = entry.file
-            if self._in_base(entry.id):
+            added.pop(entry.id, None)
+            self.pending.discard(entry.id)
+            if self._folded_in(entry):
+                deleted.discard(entry.id)
                 continue  # the artifact already holds it, embedded by its own model
+            if self._in_base(entry.id):
+                deleted.add(entry.id)  # replaced: the artifact's image of this id is left out
             if entry.space != self.space or len(entry.vector) != self.dimension:
                 self.pending.add(entry.id)
                 continue
@@ -142,10 +161,11 @@ class LiveImages:
         for item_id, data, vector, label in images:
             check_new_image(item_id, data, vector, self.dimension, label)
             self._check_shard(item_id)
-        entries = [Entry("add", item_id, label, image_file(data),
+        entries = [Entry("add", item_id, label, image_file(data, item_id),
                          tuple(float(v) for v in unit_query(vector, self.dimension)), self.space)
                    for item_id, data, vector, label in images]
-        self.log.append(entries, images=[data for _, data, _, _ in images])
+        replaced = [self._files[e.id] for e in entries if self._files.get(e.id, e.file) != e.file and not is_image_id(e.id)]
+        self.log.append(entries, images=[data for _, data, _, _ in images], remove=replaced)
         self.refresh()
         self._compact_if_due()
         return [entry.id for entry in entries]
@@ -182,9 +202,10 @@ class LiveImages:
 
     def _added_row(self, delta, item_id: str) -> int | None:
         """The row of a live-added image in `delta`; None for the artifact's own; UnknownId once deleted."""
-        if item_id in delta.deleted:
+        row = delta.rows.get(item_id)
+        if row is None and item_id in delta.deleted:
             raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r} (it was deleted)")
-        return delta.rows.get(item_id)
+        return row
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = (),
                selection: Selection = EVERYTHING) -> list[Hit]:
@@ -197,9 +218,24 @@ class LiveImages:
             return base_hits
         scores = (delta.vectors @ unit_query(query, self.dimension)).tolist()
         delta_hits = [Hit(item, score) for item, score in zip(delta.items, scores)
-                      if item.id not in hidden and (min_score is None or score >= min_score)
+                      if item.id not in exclude and (min_score is None or score >= min_score)
                       and selection.keeps(item, score)]
         return merge([base_hits, delta_hits], k)
+
+
+    def list_items(self, folder: str, after_id: str, limit: int) -> list[Item]:
+        """At most `limit` items under `folder` with ids after `after_id`, sorted by id."""
+        delta = self._delta
+        kept, cursor = [], after_id
+        while len(kept) < limit:
+            page = self.base.list_items(folder, cursor, limit)
+            kept += [item for item in page if item.id not in delta.deleted]
+            if len(page) < limit:
+                break
+            cursor = page[-1].id
+        added = sorted((item for item in delta.items if item.id.startswith(folder) and item.id > after_id),
+                       key=lambda item: item.id)
+        return first_by_id([kept, added], limit)
 
 
 class _Either:
@@ -216,13 +252,16 @@ class _Either:
 
 
 def check_new_image(item_id: str, data: bytes, vector, dimension: int, label: str | None = None) -> None:
-    """InvalidQuery unless the id is the bytes' content id, the vector a finite one of the index's
-    dimension and the label (if any) at most bounds.MAX_LABEL_CHARS long."""
+    """InvalidQuery unless the id is the bytes' content id or a valid given id (a relative path), the
+    vector a finite one of the index's dimension and the label (if any) at most bounds.MAX_LABEL_CHARS long."""
     problem = bounds.label_problem(label)
     if problem:
         raise InvalidQuery(problem)
     if not data:
         raise InvalidQuery("an added image needs its bytes")
-    if not is_image_id(item_id) or item_id != image_id(data):
+    if item_id.startswith(ID_PREFIX) and item_id != image_id(data):
         raise InvalidQuery(f"id {quoted(item_id)} is not the content id of the image bytes ({image_id(data)})")
+    problem = None if item_id.startswith(ID_PREFIX) else path_id_problem(item_id)
+    if problem:
+        raise InvalidQuery(f"id {quoted(item_id)}: {problem}")
     unit_query(vector, dimension)

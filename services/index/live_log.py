@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from services.common import artifact
-from services.common.ids import is_image_id
+from services.common.ids import is_image_id, path_id_problem, stored_name
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,13 @@ GC_AGE_SECONDS = 3600.0  # unreferenced bytes younger than this may belong to a 
 _FILE = re.compile(IMAGES_DIR + r"/[0-9a-f]{64}")
 
 
-def image_file(data: bytes) -> str:
-    """Where the bytes are stored, relative to the live folder: named by their hash, never by a request."""
-    return f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}"
+def image_file(data: bytes, item_id: str | None = None) -> str:
+    """Where the bytes are stored, relative to the live folder: named by a hash, never by a request.
+    A content id's bytes by their sha256; a given id's by services.common.ids.stored_name (each id its
+    own copy, so deleting one id never takes the bytes another id still names)."""
+    if item_id is None or is_image_id(item_id):
+        return f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}"
+    return f"{IMAGES_DIR}/{stored_name(item_id, data)}"
 
 
 def live_dir(artifact_root: Path) -> Path:
@@ -88,8 +92,8 @@ class LiveLog:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _store(self, data: bytes) -> str:
-        name = image_file(data)
+    def _store(self, data: bytes, name: str | None = None) -> str:
+        name = name or image_file(data)
         target = self.directory / name
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,12 +112,14 @@ class LiveLog:
             return self._store(data)
 
     def append(self, entries: list[Entry], images: Sequence[bytes] = (), remove: Sequence[str] = ()) -> None:
-        """Under the lock: store `images`, append whole lines in one write and fsync, then remove the
-        stored files `remove` (the bytes of images these entries delete)."""
+        """Under the lock: store `images` (the bytes of the add entries, in order, each under its entry's
+        file), append whole lines in one write and fsync, then remove the stored files `remove` (the
+        bytes of images these entries delete or replace)."""
         data = "".join(json.dumps(_entry_dict(e), ensure_ascii=False) + "\n" for e in entries).encode("utf-8")
         with self._locked() as handle:
-            for image in images:
-                self._store(image)
+            files = [e.file for e in entries if e.op == "add"]
+            for number, image in enumerate(images):
+                self._store(image, files[number] if number < len(files) else None)
             if _ends_torn(handle):  # a write that crashed half-way: end its line, never extend it
                 data = b"\n" + data
             handle.write(data)
@@ -217,8 +223,8 @@ def _entry_of(data) -> Entry:
             and isinstance(vector, list) and vector
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector)):
         raise ValueError("an add needs a string 'file' and 'space', a list of numbers 'vector', a string or no 'label'")
-    if not is_image_id(item_id) or not _FILE.fullmatch(file):
-        raise ValueError("an add needs an 'added/' content id and a file in images/")
+    if not (is_image_id(item_id) or path_id_problem(item_id) is None) or not _FILE.fullmatch(file):
+        raise ValueError("an add needs an 'added/' content id or a relative path, and a file in images/")
     return Entry(op, item_id, label, file, tuple(float(v) for v in vector), space)
 
 

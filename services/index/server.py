@@ -171,6 +171,18 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self.telemetry.live_deleted.inc(deleted)
         return index_pb2.IndexDeleteImagesResponse(deleted=deleted)
 
+    def ListItems(self, request, context):
+        indexes: IndexSet = self.loading.get(context)
+        problem = bounds.limit_problem(request.limit)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            items = indexes.get(request.index).list_items(folder_prefix(request.folder), request.after_id, request.limit)
+        except UnknownIndex as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return index_pb2.ListItemsResponse(items=[index_pb2.Item(id=i.id, path=i.path, label=i.label) for i in items],
+                                           artifact_version=indexes.version)
+
     def Info(self, request, context):
         indexes: IndexSet = self.loading.get(context)
         names = [request.index] if request.index else sorted(indexes.indexes)
