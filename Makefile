@@ -19,6 +19,8 @@ LOSS ?=
 SHARDS ?=
 HOST ?= 127.0.0.1
 GATEWAY_PORT ?= 50050
+GATEWAY ?= $(HOST):$(GATEWAY_PORT)
+RESCAN_SECONDS ?=
 ENCODER_PORT ?= 50051
 INDEX_PORT ?= 50052
 WEB_PORT ?= 8080
@@ -37,7 +39,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train index serve stop demo eval capacity bench bench-filters bench-tracing bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-tracing bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -85,6 +87,12 @@ batch-train: setup
 index: setup
 	$(if $(INDEX_DATA),,$(error make index needs INDEX_DATA=DIR))
 	$(PY) -m batch.reindex --index-data $(INDEX_DATA) --artifacts $(ARTIFACTS) --cache $(CACHE)
+
+# Keep INDEX_DATA in step with the running services (GATEWAY): photos copied in, changed or removed are added,
+# replaced or deleted live, with the ids make index gives them. Runs until Ctrl-C.
+watch: setup
+	$(if $(INDEX_DATA),,$(error make watch needs INDEX_DATA=DIR))
+	$(PY) -m services.gateway.watch $(INDEX_DATA) --gateway $(GATEWAY) $(if $(RESCAN_SECONDS),--rescan-seconds $(RESCAN_SECONDS))
 
 serve: setup stop
 	@mkdir -p $(RUN)

@@ -6,6 +6,8 @@ the artifact's default mode, and a new artifact version is published: the same m
 index (hard links where the file system allows, else copies) beside a new image index. Files that
 disappeared from the folder are no longer in it. Running services switch to the new version without
 a restart. report.json says how many images were extracted and how many came from the cache.
+
+`--watch DIR` keeps a folder in step with the running services instead (services/gateway/watch.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from batch.images import list_images
 from batch.publish import link_or_copy, new_staging, publish
 from batch.train import run_job, with_live_updates
 from services.common import artifact
+from services.gateway import watch
 from services.encoder.head import Head
 from services.encoder.images import Preprocessing
 from services.encoder.modes import FILE as MODES_FILE, ModeParams, Modes
@@ -93,10 +96,17 @@ def run(artifacts: Path, index_data: Path, cache: Path, batch_size: int = 64, th
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index-data", required=True, type=Path, help="the folder to make searchable")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--index-data", type=Path, help="the folder to make searchable")
+    which.add_argument("--watch", type=Path, metavar="DIR",
+                       help="keep DIR in step with the running services instead: photos copied in, changed or removed "
+                            "are added, replaced or deleted live through the gateway (services/gateway/watch.py)")
     parser.add_argument("--artifacts", type=Path, default=Path(os.environ.get("ARTIFACTS", "artifacts")))
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CACHE", ".cache")))
+    watch.add_watch_arguments(parser)
     args = parser.parse_args(argv)
+    if args.watch:
+        return watch.watch(args.watch, args)
     return run_job(lambda: run(args.artifacts, args.index_data, args.cache))
 
 if __name__ == "__main__":

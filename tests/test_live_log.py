@@ -16,7 +16,8 @@ import pytest
 from services.common.ids import image_id
 from services.common.items import Item
 from services.index import live
-from services.index.core import VectorIndex
+from services.common.shards import shard_of
+from services.index.core import ShardedIndex, VectorIndex
 from tests.conftest import REPO
 
 SPACE = "test:16"
@@ -217,3 +218,81 @@ def test_appends_racing_a_compaction_lose_nothing(tmp_path):
     assert errors == []
     assert {e.id for e in log.read()[0]} == {image_id(f"{n}-{i}".encode()) for n in "ab" for i in range(200)}
     assert len(list((live.live_dir(tmp_path) / live.IMAGES_DIR).iterdir())) == 400
+
+
+def labelled_index(vectors) -> VectorIndex:
+    """A base index whose ids are paths under two folders, as `make index` names a folder's files."""
+    return VectorIndex.build("images", vectors, [Item(f"{'ab'[i % 2]}/{i:03d}.jpg", f"/photos/{'ab'[i % 2]}/{i:03d}.jpg",
+                                                      "ab"[i % 2]) for i in range(len(vectors))])
+
+
+def pages(images, folder: str, size: int) -> list[str]:
+    """Every id under `folder`, listed `size` at a time."""
+    ids, after = [], ""
+    while True:
+        page = images.list_items(folder, after, size)
+        ids += [item.id for item in page]
+        if len(page) < size:
+            return ids
+        after = page[-1].id
+
+
+def test_a_path_id_is_added_replaced_listed_and_deleted(vectors, tmp_path):
+    base = labelled_index(vectors[:60])
+    images = live.LiveImages(base, tmp_path, SPACE)
+    assert pages(images, "", 7) == sorted(item.id for item in base.items)
+    assert pages(images, "a/", 1000) == sorted(item.id for item in base.items if item.label == "a")
+
+    new, changed = vectors[100], vectors[101]
+    images.add([("a/new.jpg", b"a new photo", new, "a"), ("b/001.jpg", b"a changed photo", changed, "b")])
+    assert len(images) == 61 and pages(images, "a/", 4)[-1] == "a/new.jpg" and pages(images, "", 7).count("b/001.jpg") == 1
+    assert images.search(new, 1)[0].item.id == "a/new.jpg"
+    top = images.search(changed, 1)[0]  # the changed photo replaced the artifact's image of that id
+    assert top.item.id == "b/001.jpg" and top.score > 0.999
+    assert top.item.path.endswith(live.image_file(b"a changed photo", "b/001.jpg"))
+    assert all(hit.item.id != "b/001.jpg" for hit in images.search(vectors[1], 60, min_score=0.999))
+
+    stored = live.live_dir(tmp_path)
+    first_copy = stored / live.image_file(b"a changed photo", "b/001.jpg")
+    images.add([("b/001.jpg", b"changed again", vectors[102], "b")])  # its earlier copy goes
+    assert not first_copy.exists() and images.search(vectors[102], 1)[0].item.id == "b/001.jpg"
+    images.delete(["b/001.jpg", "a/new.jpg"])
+    assert len(images) == 59 and not images.contains("b/001.jpg") and "a/new.jpg" not in pages(images, "", 1000)
+    assert list((stored / live.IMAGES_DIR).iterdir()) == []
+
+    replayed = live.LiveImages(base, tmp_path, SPACE)  # a restart replays the log to the same membership
+    assert pages(replayed, "", 1000) == pages(images, "", 1000)
+
+
+def test_an_add_the_artifact_folded_in_keeps_the_artifacts_vector(vectors, tmp_path):
+    """make index and batch-train fold the log in and embed the stored copy with their model: that vector
+    wins over the log's. A different copy (the file changed since) still replaces the artifact's."""
+    live.LiveImages(labelled_index(vectors[:10]), tmp_path, SPACE).add([("a/new.jpg", b"photo", vectors[100], "a")])
+    stored_copy = str(live.live_dir(tmp_path) / live.image_file(b"photo", "a/new.jpg"))
+    for path, expected in ((stored_copy, vectors[200]), ("/photos/a/new.jpg", vectors[100])):
+        artifact = VectorIndex.build("images", np.stack([vectors[200], vectors[1]]),
+                                     [Item("a/new.jpg", path, "a"), Item("b/001.jpg", "/photos/b/001.jpg", "b")])
+        images = live.LiveImages(artifact, tmp_path, SPACE)
+        assert np.allclose(images.vector_of("a/new.jpg"), expected, atol=1e-6) and len(images) == 2
+
+
+@pytest.mark.parametrize("given, problem", [
+    ("../outside.jpg", "relative path"), ("/etc/passwd", "relative path"), ("a//b.jpg", "relative path"),
+    ("added/0123", "content id"), ("a\\b.jpg", "backslash"), ("", "empty"), ("x" * 1001, "at most 1000"),
+])
+def test_a_given_id_must_be_a_plain_relative_path(vectors, tmp_path, given, problem):
+    images = live.LiveImages(labelled_index(vectors[:10]), tmp_path, SPACE)
+    with pytest.raises(live.InvalidQuery, match=problem):
+        images.add([(given, b"photo", vectors[100], None)])
+    assert len(images) == 10 and not live.live_dir(tmp_path).joinpath(live.LOG_NAME).exists()
+
+
+def test_shards_list_as_the_one_index(vectors):
+    whole = labelled_index(vectors[:90])
+    owners = [shard_of(item.id, 3) for item in whole.items]
+    sharded = ShardedIndex("images", [VectorIndex.build("images", vectors[:90][[o == n for o in owners]],
+                                                        [i for i, o in zip(whole.items, owners) if o == n])
+                                      for n in range(3)])
+    assert pages(sharded, "", 7) == pages(whole, "", 1000) == sorted(item.id for item in whole.items)
+    assert pages(sharded, "b/", 4) == pages(whole, "b/", 4) == [i.id for i in sorted(whole.items, key=lambda i: i.id)
+                                                               if i.label == "b"]

@@ -126,6 +126,20 @@ def test_filters_and_pages_over_three_shards_answer_as_one(services, sharded_gat
             assert pages == [h.id for h in whole.search("animal", k=30, labels=list(labels), folder=folder)]
 
 
+def test_listing_three_shards_gives_the_one_index_by_id(services, sharded_gateway):
+    with Client(services.gateway) as whole, Client(sharded_gateway[0]) as sharded:
+        every = [h.id for h in whole.all_images()]
+        assert every == sorted(every) and len(set(every)) == len(every) == 1000
+        assert [h.id for h in sharded.all_images()] == every
+        listed, after = [], ""
+        while True:
+            page, after = sharded.list_images("ship", after, limit=30)
+            listed += [h.id for h in page]
+            if not after:
+                break
+        assert listed == [i for i in every if i.startswith("ship/")] and len(listed) > 30
+
+
 def test_a_shard_that_is_down_fails_the_query_by_name(sharded_gateway):
     _, shard_addresses, encoder_address, words_address = sharded_gateway
     down = [shard_addresses[0], "127.0.0.1:1", shard_addresses[2]]  # nothing listens on port 1

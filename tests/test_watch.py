@@ -5,6 +5,9 @@ reconciles what changed while none ran; ids are the ones `make index` gives the 
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,12 +23,13 @@ from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.gateway.watch import FolderWatcher
 from services.index import server as index_server
+from tests.conftest import REPO
 
 DEADLINE = 60.0  # seconds: an upper bound on a loaded 2-core machine, never a pause; the target is 5 s
 
 
 @pytest.fixture(scope="module")
-def client(artifact_root, tmp_path_factory):
+def gateway(artifact_root, tmp_path_factory) -> str:
     """A gateway over index and encoder services of a private copy of the session artifact (live adds write to it)."""
     root = tmp_path_factory.mktemp("watch") / "artifacts"
     shutil.copytree(artifact_root, root, symlinks=True)
@@ -34,8 +38,13 @@ def client(artifact_root, tmp_path_factory):
             gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port):
         for address in (f"127.0.0.1:{index_port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{port}"):
             wait_serving(address)
-        with Client(f"127.0.0.1:{port}") as client:
-            yield client
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with Client(gateway) as client:
+        yield client
 
 
 @contextmanager
@@ -128,3 +137,29 @@ def test_a_watched_folder_stays_in_step_with_the_collection(client, real_photos,
             "dog/watched-0.jpg": "dog", "dog/watched-1.jpg": "dog", "fish/late.jpg": "fish"}
         assert finds(client, fish[4].read_bytes(), "fish/late.jpg")
         assert finds(client, dogs[3].read_bytes(), "dog/watched-0.jpg")
+
+
+def test_make_watch_runs_until_sigterm(gateway, client, real_photos, tmp_path):
+    """`python -m services.gateway.watch DIR --gateway ADDRESS`, what `make watch` runs, as a user starts it."""
+    folder, log = tmp_path / "photos", tmp_path / "watch.log"
+    copy(sorted((real_photos / "fox").iterdir())[0], folder / "fox" / "first.jpg")
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "services.gateway.watch", str(folder), "--gateway", gateway],
+                                   cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        seconds_until(lambda: "in step" in log.read_text() or process.poll() is not None)
+        assert process.poll() is None, log.read_text()
+        assert held(client, folder) == {"fox/first.jpg": "fox"}
+        photo = sorted((real_photos / "fox").iterdir())[1]
+        copy(photo, folder / "fox" / "second.jpg")
+        seconds_until(lambda: finds(client, photo.read_bytes(), "fox/second.jpg"))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(DEADLINE) == 0, log.read_text()
+    assert "stopped watching" in log.read_text()
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "services.gateway.watch", str(tmp_path / "nowhere")], cwd=REPO,
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 2 and "folder to watch not found" in done.stderr

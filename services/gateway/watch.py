@@ -111,7 +111,9 @@ class FolderWatcher:
         except grpc.RpcError as error:
             log.warning("gateway %s: %s; trying again", error.code().name, error.details())
             return
-        self.ready.set()
+        if not self.ready.is_set():
+            log.info("in step: the index holds the %d images of %s; watching for changes", len(self.known), self.root)
+            self.ready.set()
 
     def reconcile(self) -> None:
         """Pending: files the index lacks or that changed, and images of this folder whose file is gone."""
