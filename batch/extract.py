@@ -12,6 +12,7 @@ import numpy as np
 import ray
 
 from batch.images import ImageRecord
+from batch.progress import Progress
 from services.encoder.image_encoder import ImageEncoder
 from services.encoder.images import ImageError, Preprocessing
 
@@ -117,27 +118,28 @@ def extract(
             num_cpus=threads_per_actor,
             batch_format="numpy",
         )
-        done, last_log = 0, time.perf_counter()
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            errors = batch["error"].astype(str)
-            good = errors == ""
-            batch_keys = batch["key"].astype(str)
-            if good.any():
-                cache.append(batch_keys[good].tolist(), batch["features"][good])
-                result.features.update((path_of_key[key], row) for key, row in
-                                       zip(batch_keys[good].tolist(), batch["features"][good]))
-            for key, error in zip(batch_keys[~good], errors[~good]):
-                result.unreadable[path_of_key[key]] = error
-            for node, count in zip(*np.unique(batch["node"].astype(str), return_counts=True)):
-                result.by_node[node] = result.by_node.get(node, 0) + int(count)
-            done += len(batch_keys)
-            if time.perf_counter() - last_log > 5 or done == len(todo):
-                rate = done / (time.perf_counter() - started)
-                log.info("extracted %d/%d images (%.0f img/s, about %.0f s left)", done, len(todo), rate,
-                         (len(todo) - done) / max(rate, 1e-9))
-                last_log = time.perf_counter()
-        result.extracted = done - len(result.unreadable)
+        with Progress(len(todo), "extracted", log) as progress:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                _take_batch(batch, path_of_key, cache, result)
+                progress.update(len(batch["key"]))
+        result.extracted = progress.done - len(result.unreadable)
     for path, reason in sorted(result.unreadable.items()):
         log.warning("unreadable image skipped: %s (%s)", path, reason)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _take_batch(batch: dict[str, np.ndarray], path_of_key: dict[str, str], cache: FeatureCache,
+                result: Extraction) -> None:
+    """One extracted batch: good rows into the cache and the result, unreadable images noted."""
+    errors = batch["error"].astype(str)
+    good = errors == ""
+    batch_keys = batch["key"].astype(str)
+    if good.any():
+        cache.append(batch_keys[good].tolist(), batch["features"][good])
+        result.features.update((path_of_key[key], row) for key, row in
+                               zip(batch_keys[good].tolist(), batch["features"][good]))
+    for key, error in zip(batch_keys[~good], errors[~good]):
+        result.unreadable[path_of_key[key]] = error
+    for node, count in zip(*np.unique(batch["node"].astype(str), return_counts=True)):
+        result.by_node[node] = result.by_node.get(node, 0) + int(count)

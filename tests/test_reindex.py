@@ -4,6 +4,7 @@ are extracted; removed files leave the index; the model files are the same ones.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -17,7 +18,9 @@ from services.index.core import IndexSet
 PHOTOS = [f"{label}/{n:04d}.jpg" for label in ("cat", "ship", "truck", "frog") for n in range(5)]
 
 
-def test_a_folder_is_indexed_with_the_current_model_and_kept_in_step(artifact_root, ray_runtime, cifar, tmp_path):
+def test_a_folder_is_indexed_with_the_current_model_and_kept_in_step(artifact_root, ray_runtime, cifar, tmp_path,
+                                                                     caplog):
+    caplog.set_level(logging.INFO, logger="batch.extract")
     root = tmp_path / "artifacts"
     shutil.copytree(artifact_root, root, symlinks=True)
     model = artifact.resolve(root)
@@ -29,6 +32,8 @@ def test_a_folder_is_indexed_with_the_current_model_and_kept_in_step(artifact_ro
     first = reindex.run(root, folder, cache)
     report = json.loads((first / artifact.REPORT).read_text())["images"]
     assert (report["searchable"], report["extracted_now"], report["from_cache"]) == (20, 20, 0)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("extracted 20/20 images")]
+    assert progress and "images/s, about 0 s left" in progress[-1]  # no terminal here: log lines, not a bar
     assert artifact.resolve(root) == first != model
     for name in (artifact.HEAD, artifact.BACKBONE, "modes.npz", "indexes/words/vectors.npy"):  # the same model
         assert sha256(first / name) == sha256(model / name), name
