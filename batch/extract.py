@@ -103,6 +103,7 @@ def extract(
     log.info("features: %d images, %d cached, %d to extract", len(records), len(result.features), len(todo))
     if todo:
         path_of_key = {keys[r.path]: r.path for r in todo}
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours (Progress) says it per image
         dataset = ray.data.from_items(
             [{"path": r.path, "key": keys[r.path]} for r in todo],
             override_num_blocks=max(1, min(len(todo) // batch_size, 200)),

@@ -125,3 +125,35 @@ def test_words_added_to_a_photo_and_explanations(page, web):
     why = page.locator("#grid .card .why").all_inner_texts()
     assert len(why) == 8 and all("water +" in w and "img:ship/0000.jpg" in w and "words:" in w for w in why), why
     page.screenshot(path=SCREENSHOTS / "photo-and-words.png")
+
+
+def test_filter_by_a_label_in_the_url_and_page_on(page, web):
+    """Filters on the page: a label keeps only its photos (page after page), goes into the URL and the API
+    calls, and a date range outside every photo's time shows none."""
+    frogs = page.request.get(web.url + "/api/search?q=dog&k=1000&label=frog").json()["results"]
+    shown = min(24, len(frogs))
+    page.goto(web.url + "/")
+    page.fill("#q", "dog")
+    page.fill("#f-label", "frog")
+    page.press("#q", "Enter")
+    expect(page).to_have_url(re.compile(r"/\?q=dog&label=frog$"))
+    loaded_thumbnails(page, shown)
+    assert page.locator("#grid .card").count() == shown and set(labels(page)) == {"frog"}, labels(page)
+    expect(page.locator("#status")).to_contain_text(f"{shown} photos for “dog” (label frog)")
+    page.screenshot(path=SCREENSHOTS / "filter-label.png")
+    if len(frogs) > 24:  # More follows the page token: the next frogs, none twice
+        page.click("#more")
+        loaded_thumbnails(page, min(48, len(frogs)))
+        ids = page.locator("#grid .card").evaluate_all("(cards) => cards.map((c) => c.dataset.id)")
+        assert ids == [hit["id"] for hit in frogs[:48]] and set(labels(page)) == {"frog"}
+
+    page.goto(web.url + "/?q=dog&label=frog&after=2999-01-01")  # a shared URL fills the filters in
+    expect(page.locator("#f-label")).to_have_value("frog")
+    expect(page.locator("#f-after")).to_have_value("2999-01-01")
+    expect(page.locator("#status")).to_contain_text("No photos for “dog” (label frog, taken on or after 2999-01-01)")
+    assert page.locator("#grid .card").count() == 0
+
+    page.click("#clear-filters")  # the same search again, unfiltered
+    loaded_thumbnails(page, 24)
+    expect(page).to_have_url(re.compile(r"/\?q=dog$"))
+    assert labels(page)["frog"] < 24

@@ -2,9 +2,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const MAX_K = 1000;
+const MAX_K = 1000;  // results per page
 const TOKEN_COOKIE = "semsearch_token";
-let view = null;  // what the grid shows: {title ("for “dog”"), fetch(k) -> top k results, shown}
+let view = null;  // what the grid shows: {title ("for “dog”"), fetch(page_token) -> API answer, token, shown}
+let again = null;  // runs the photo search shown now once more (when the filters change)
 
 class ApiError extends Error {
   constructor(message, code, status) { super(message); this.code = code; this.status = status; }
@@ -25,15 +26,6 @@ function pageSize() {
   return Number.isFinite(k) ? Math.min(Math.max(k, 1), MAX_K) : 24;
 }
 
-function minScoreParam() {
-  const value = $("min-score").value.trim();
-  return value === "" ? "" : `&min_score=${encodeURIComponent(value)}`;
-}
-
-function explainParam() {
-  return $("explain").checked ? "&explain=true" : "";
-}
-
 function imageUrl(id, thumbnail) {
   return "/api/images/" + id.split("/").map(encodeURIComponent).join("/") + (thumbnail ? "/thumbnail" : "");
 }
@@ -52,11 +44,45 @@ function clearMessages() {
   $("token-form").hidden = true;
 }
 
+// The filters, as the API's query parameters: label (repeated), folder, after, before.
+function filterParams() {
+  const params = new URLSearchParams();
+  for (const label of $("f-label").value.split(",").map((l) => l.trim()).filter(Boolean)) params.append("label", label);
+  for (const [name, id] of [["folder", "f-folder"], ["after", "f-after"], ["before", "f-before"]]) {
+    const value = $(id).value.trim();
+    if (value) params.set(name, value);
+  }
+  return params;
+}
+
+function describeFilters() {
+  const parts = [];
+  const labels = filterParams().getAll("label");
+  if (labels.length) parts.push(`label ${labels.join(" or ")}`);
+  if ($("f-folder").value.trim()) parts.push(`in ${$("f-folder").value.trim()}`);
+  if ($("f-after").value) parts.push(`taken on or after ${$("f-after").value}`);
+  if ($("f-before").value) parts.push(`taken before ${$("f-before").value}`);
+  return parts.length ? ` (${parts.join(", ")})` : "";
+}
+
+// k, min_score, the filters and the page token as API query parameters.
+function apiParams(token) {
+  const params = new URLSearchParams({k: pageSize()});
+  if ($("min-score").value.trim() !== "") params.set("min_score", $("min-score").value.trim());
+  for (const [name, value] of filterParams()) params.append(name, value);
+  if ($("explain").checked) params.set("explain", "true");
+  if (token) params.set("page_token", token);
+  return params.toString();
+}
+
 function setUrl(params) {
   const search = new URLSearchParams(params);
   if (pageSize() !== 24) search.set("k", pageSize());
   if ($("min-score").value.trim() !== "") search.set("min_score", $("min-score").value.trim());
   if ($("explain").checked) search.set("explain", "1");
+  if (params.q !== undefined || params.similar !== undefined || params.like !== undefined) {
+    for (const [name, value] of filterParams()) search.append(name, value);
+  }
   const url = search.toString() ? `/?${search}` : "/";
   if (url !== location.pathname + location.search) history.pushState(null, "", url);
 }
@@ -112,10 +138,9 @@ function chip(word, score, onClick) {
   return button;
 }
 
-// Shows `view` from scratch, then one more page on each "More": the gateway has no offsets, so a page
-// asks for the top (shown + page size) and appends the ones not shown yet.
+// Shows `view` from scratch, then the next page on each "More", by the page token of the one before.
 async function show(newView) {
-  view = {...newView, shown: 0};
+  view = {...newView, token: "", shown: 0, title: newView.title + describeFilters()};
   $("grid").replaceChildren();
   $("more").hidden = true;
   $("status").textContent = "Searching…";
@@ -124,22 +149,20 @@ async function show(newView) {
 
 async function more() {
   const current = view;
-  const asked = Math.min(current.shown + pageSize(), MAX_K);
-  let results;
+  let answer;
   try {
-    results = await current.fetch(asked);
+    answer = await current.fetch(current.token);
   } catch (error) {
     if (current === view) { $("status").textContent = ""; showError(error); }
     return;
   }
   if (current !== view) return;  // a newer query replaced this one
-  const fresh = results.slice(current.shown);
-  $("grid").append(...fresh.map(card));
-  current.shown = results.length;
-  const done = results.length < asked || asked >= MAX_K;
-  $("more").hidden = done;
-  $("status").textContent = results.length === 0 ? `No photos ${current.title}.`
-    : `${results.length} photos ${current.title}${done ? "" : "; More shows the next " + pageSize()}.`;
+  $("grid").append(...answer.results.map(card));
+  current.shown += answer.results.length;
+  current.token = answer.next_page_token || "";
+  $("more").hidden = !current.token;
+  $("status").textContent = current.shown === 0 ? `No photos ${current.title}.`
+    : `${current.shown} photos ${current.title}${current.token ? "; More shows the next " + pageSize() : ""}.`;
 }
 
 function search(q, push = true) {
@@ -147,19 +170,20 @@ function search(q, push = true) {
   $("query").hidden = true;
   $("q").value = q;
   if (push) setUrl({q});
-  return show({title: `for “${q}”`, fetch: async (k) =>
-    (await api(`/api/search?q=${encodeURIComponent(q)}&k=${k}${minScoreParam()}${explainParam()}`)).results});
+  again = () => search(q);
+  return show({title: `for “${q}”`, fetch: (token) => api(`/api/search?q=${encodeURIComponent(q)}&${apiParams(token)}`)});
 }
 
 // Words and an indexed photo in one query: the photo's "+ words" form.
 function searchLike(q, id, push = true) {
   clearMessages();
   if (push) setUrl(q ? {q, like: id} : {like: id});
+  again = () => searchLike(q, id);
   showQueryPhoto(id, `Photos like ${id}${q ? " + " + q : ""}`);
   $("like-words").value = q;
   const words = q ? `q=${encodeURIComponent(q)}&` : "";
-  return show({title: `like ${id}${q ? " + “" + q + "”" : ""}`, fetch: async (k) =>
-    (await api(`/api/search?${words}like=${encodeURIComponent(id)}&k=${k}${minScoreParam()}${explainParam()}`)).results});
+  return show({title: `like ${id}${q ? " + “" + q + "”" : ""}`, fetch: (token) =>
+    api(`/api/search?${words}like=${encodeURIComponent(id)}&${apiParams(token)}`)});
 }
 
 function showQueryPhoto(id, title) {
@@ -175,10 +199,11 @@ function showQueryPhoto(id, title) {
 function similarToId(id, label, push = true) {
   clearMessages();
   if (push) setUrl({similar: id});
+  again = () => similarToId(id, label);
   showQueryPhoto(id, `Photos like ${id}${label ? " (" + label + ")" : ""}`);
   $("like-words").value = "";
-  return show({title: `like ${id}`, fetch: async (k) => (await api(`/api/similar?k=${k}${minScoreParam()}${explainParam()}`, {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({id})})).results});
+  return show({title: `like ${id}`, fetch: (token) => api(`/api/similar?${apiParams(token)}`, {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({id})})});
 }
 
 async function upload(file) {
@@ -193,8 +218,9 @@ async function upload(file) {
   const tagging = api("/api/tag?k=8", {method: "POST", body: form()}).then((answer) => {
     $("tags").replaceChildren(...answer.tags.map((t) => chip(t.word, t.score, () => search(t.word))));
   }, showError);
-  await Promise.all([tagging, show({title: `like ${file.name}`, fetch: async (k) =>
-    (await api(`/api/similar?k=${k}${minScoreParam()}${explainParam()}`, {method: "POST", body: form()})).results})]);
+  again = () => upload(file);
+  await Promise.all([tagging, show({title: `like ${file.name}`, fetch: (token) =>
+    api(`/api/similar?${apiParams(token)}`, {method: "POST", body: form()})})]);
 }
 
 async function similarWords(word, push = true) {
@@ -216,6 +242,10 @@ function fromUrl() {
   if (params.has("k")) $("k").value = params.get("k");
   if (params.has("min_score")) $("min-score").value = params.get("min_score");
   $("explain").checked = params.get("explain") === "1";
+  $("f-label").value = params.getAll("label").join(", ");
+  $("f-folder").value = params.get("folder") || "";
+  $("f-after").value = params.get("after") || "";
+  $("f-before").value = params.get("before") || "";
   if (params.get("like")) searchLike(params.get("q") || "", params.get("like"), false);
   else if (params.get("q")) search(params.get("q"), false);
   else if (params.get("similar")) similarToId(params.get("similar"), null, false);
@@ -238,6 +268,14 @@ document.addEventListener("DOMContentLoaded", () => {
     searchLike($("like-words").value.trim(), $("like-form").dataset.id);
   });
   $("more").addEventListener("click", more);
+  $("filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (again) again();
+  });
+  $("clear-filters").addEventListener("click", () => {
+    for (const id of ["f-label", "f-folder", "f-after", "f-before"]) $(id).value = "";
+    if (again) again();
+  });
   $("upload").addEventListener("change", () => { if ($("upload").files[0]) upload($("upload").files[0]); });
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
