@@ -92,6 +92,7 @@ class FolderWatcher:
         self.pending = Changes()
         self.ready = threading.Event()  # set once the first reconcile has been applied
         self.next_rescan = 0.0
+        self.failing = False
         self.applied = {"added": 0, "deleted": 0, "refused": 0}
 
     def run(self, stop: threading.Event) -> None:
@@ -109,8 +110,14 @@ class FolderWatcher:
                 self.reconcile()
             self.apply()
         except grpc.RpcError as error:
-            log.warning("gateway %s: %s; trying again", error.code().name, error.details())
+            if not self.failing:  # once per outage, not every second
+                log.warning("gateway %s: %s; the changes wait and are tried again every second",
+                            error.code().name, error.details())
+            self.failing = True
             return
+        if self.failing:
+            log.info("the gateway answers again; pending changes applied")
+            self.failing = False
         if not self.ready.is_set():
             log.info("in step: the index holds the %d images of %s; watching for changes", len(self.known), self.root)
             self.ready.set()
