@@ -64,9 +64,6 @@ class Changes:
     add: dict[str, FolderFile] = field(default_factory=dict)  # id -> the file to add (new or changed)
     delete: set[str] = field(default_factory=set)
 
-    def __bool__(self) -> bool:
-        return bool(self.add or self.delete)
-
     def added(self, file: FolderFile) -> None:
         self.delete.discard(file.id)
         self.add[file.id] = file
