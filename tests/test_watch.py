@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,22 +29,30 @@ from tests.conftest import REPO
 DEADLINE = 60.0  # seconds: an upper bound on a loaded 2-core machine, never a pause; the target is 5 s
 
 
+@dataclass(frozen=True)
+class Backends:
+    index: str
+    encoder: str
+    gateway: str
+
+
 @pytest.fixture(scope="module")
-def gateway(artifact_root, tmp_path_factory) -> str:
+def backends(artifact_root, tmp_path_factory) -> Backends:
     """A gateway over index and encoder services of a private copy of the session artifact (live adds write to it)."""
     root = tmp_path_factory.mktemp("watch") / "artifacts"
     shutil.copytree(artifact_root, root, symlinks=True)
     with index_server.run_server(0, str(root)) as (_, index_port), \
             encoder_server.run_server(0, str(root)) as (_, encoder_port), \
             gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port):
-        for address in (f"127.0.0.1:{index_port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{port}"):
+        running = Backends(f"127.0.0.1:{index_port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{port}")
+        for address in (running.index, running.encoder, running.gateway):
             wait_serving(address)
-        yield f"127.0.0.1:{port}"
+        yield running
 
 
 @pytest.fixture(scope="module")
-def client(gateway):
-    with Client(gateway) as client:
+def client(backends):
+    with Client(backends.gateway) as client:
         yield client
 
 
@@ -139,12 +148,12 @@ def test_a_watched_folder_stays_in_step_with_the_collection(client, real_photos,
         assert finds(client, dogs[3].read_bytes(), "dog/watched-0.jpg")
 
 
-def test_make_watch_runs_until_sigterm(gateway, client, real_photos, tmp_path):
+def test_make_watch_runs_until_sigterm(backends, client, real_photos, tmp_path):
     """`python -m services.gateway.watch DIR --gateway ADDRESS`, what `make watch` runs, as a user starts it."""
     folder, log = tmp_path / "photos", tmp_path / "watch.log"
     copy(sorted((real_photos / "fox").iterdir())[0], folder / "fox" / "first.jpg")
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "services.gateway.watch", str(folder), "--gateway", gateway],
+        process = subprocess.Popen([sys.executable, "-m", "services.gateway.watch", str(folder), "--gateway", backends.gateway],
                                    cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
     try:
         seconds_until(lambda: "in step" in log.read_text() or process.poll() is not None)
@@ -157,6 +166,25 @@ def test_make_watch_runs_until_sigterm(gateway, client, real_photos, tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(DEADLINE) == 0, log.read_text()
     assert "stopped watching" in log.read_text()
+
+
+def test_changes_wait_while_the_gateway_is_down(backends, real_photos, tmp_path):
+    """A change made while the gateway is away is applied once it is back, with nothing lost."""
+    lions, folder = sorted((real_photos / "lion").iterdir()), tmp_path / "photos"
+    copy(lions[0], folder / "lion" / "first.jpg")
+    first = ExitStack()
+    _, port = first.enter_context(gateway_server.run_server(0, backends.encoder, backends.index))
+    address = f"127.0.0.1:{port}"
+    wait_serving(address)
+    with Client(address, timeout=5) as client, watching(client, folder, rescan_seconds=0) as watcher:
+        first.close()  # the gateway stops
+        copy(lions[1], folder / "lion" / "while-down.jpg")
+        seconds_until(lambda: watcher.failing)
+        with gateway_server.run_server(port, backends.encoder, backends.index):  # back, at the same address
+            wait_serving(address)
+            seconds_until(lambda: finds(client, lions[1].read_bytes(), "lion/while-down.jpg"))
+            seconds_until(lambda: not watcher.failing)
+            assert held(client, folder) == {"lion/first.jpg": "lion", "lion/while-down.jpg": "lion"}
 
 
 def test_a_missing_folder_is_a_clear_error(tmp_path):

@@ -81,6 +81,10 @@ class Client:
         self.channel = security.channel(address, tls, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # a long-lived client (the web service, the folder watcher) finds a restarted gateway within
+            # 2 s, not after gRPC's default back-off of up to 2 minutes
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ])
         self.stub = gateway_pb2_grpc.GatewayStub(security.with_token(self.channel, token))
 
