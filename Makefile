@@ -39,7 +39,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-tracing bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-index bench-tracing bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -161,6 +161,10 @@ bench: setup $(ARTIFACTS)/current
 # Filtered search inside the index: recall@10 against exact search over the matching rows, and ms/query.
 bench-filters: setup
 	$(PY) -m bench.filters
+
+# make index on a folder with 2% of its files changed, against a full run (INDEX_DATA, default imagenet200).
+bench-index: setup $(ARTIFACTS)/current
+	$(PY) -m bench.reindex --artifacts $(ARTIFACTS) $(if $(INDEX_DATA),--data $(INDEX_DATA),)
 
 # What traces cost: text searches on three stacks side by side (traces off, every search traced, one in ten),
 # 3 runs of 10 s each (a few minutes); `make bench` measures it too.
