@@ -23,6 +23,7 @@ from services.common.shards import shard_of
 from tests.conftest import train_options, wait_serving
 
 SHARDS = 3
+DUPLICATES_THRESHOLD = 0.8  # low enough that CIFAR-10's photos have some near-duplicate groups
 QUERIES = ["ship", "dog", "cat sofa", "airplane+sky", "truck:2 road", "frog-bird", "ocean"]
 
 
@@ -44,6 +45,9 @@ def test_shards_partition_the_same_images(artifact_root, sharded_artifact):
     assert sorted(i.id for i in items) == sorted(reference) and all(len(read_items(p / "items.jsonl")) for p in parts)
     expected = np.load(whole / "indexes/images/vectors.npy")[[reference[i.id] for i in items]]
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    features = np.concatenate([np.load(part / artifact.FEATURES) for part in parts])  # each shard its images' own
+    assert features.dtype == np.float16 and features.shape == (1000, 1280)
+    assert np.array_equal(features, np.load(whole / "indexes/images" / artifact.FEATURES)[[reference[i.id] for i in items]])
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +88,15 @@ def test_three_shards_answer_exactly_as_one(services, sharded_gateway):
         assert [w.word for w in whole.words("said", k=5)] == [w.word for w in sharded.words("said", k=5)]
         for image_id in ("ship/0003.jpg", "cat/0010.jpg", "truck/0042.jpg"):  # GetImage asks the owning shard
             assert whole.image(image_id) == sharded.image(image_id)
+
+
+def test_near_duplicates_over_three_shards_are_those_of_one_index(services, sharded_gateway):
+    """The gateway gathers every shard's features, so pairs across shards (most of them) are found too."""
+    with Client(services.gateway, timeout=120) as whole, Client(sharded_gateway[0], timeout=120) as sharded:
+        one, three = whole.duplicates(threshold=DUPLICATES_THRESHOLD), sharded.duplicates(threshold=DUPLICATES_THRESHOLD)
+    assert one.images == three.images == 1000 and one.total_groups >= 3
+    assert any(len({shard_of(hit.id, SHARDS) for hit in group}) > 1 for group in one.groups)  # some span shards
+    assert {frozenset(h.id for h in g) for g in one.groups} == {frozenset(h.id for h in g) for g in three.groups}
 
 
 def test_filters_and_pages_over_three_shards_answer_as_one(services, sharded_gateway):
