@@ -39,7 +39,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-index bench-tracing bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-index bench-duplicates bench-tracing bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -170,6 +170,11 @@ bench-index: setup $(ARTIFACTS)/current
 # 3 runs of 10 s each (a few minutes); `make bench` measures it too.
 bench-tracing: setup $(ARTIFACTS)/current
 	$(PY) -m bench.tracing --artifacts $(ARTIFACTS)
+# Near-duplicates: pair precision and recall per threshold on copies of real photos (VALIDATION half by default;
+# HALF=test for the tests' half), and the threshold the rule chooses; features through the feature cache.
+HALF ?= validation
+bench-duplicates: setup $(ARTIFACTS)/current
+	$(PY) -m bench.duplicates --half $(HALF) --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/duplicates-$(HALF).json
 
 # Accuracy against cost per backbone and word-vector set: 4 configurations x 3 head seeds, real batch jobs + eval
 # (about 30 minutes on 2 cores). The findings live in bench/models.md, which bench.report appends to BENCHMARKS.md.

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def build_indexes(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord], words: WordVectors,
-                  shards: int = 1, cache: Path | None = None) -> dict[str, artifact.IndexInfo]:
+                  shards: int = 1, cache: Path | None = None, features: np.ndarray | None = None
+                  ) -> dict[str, artifact.IndexInfo]:
     """Build and save both indexes under `staging/indexes/`; returns their descriptions. With `cache`, the
-    word index (the same for every run on one word-vector file) is built once and linked from there."""
-    return {"images": build_image_index(staging, image_vectors, images, shards),
+    word index (the same for every run on one word-vector file) is built once and linked from there;
+    `features`: the images' backbone features, kept beside the image index (near-duplicates)."""
+    return {"images": build_image_index(staging, image_vectors, images, shards, features),
             "words": build_word_index(staging / artifact.INDEXES / "words", words, cache)}
 
 
@@ -71,11 +73,12 @@ def cached_word_index(cache: Path, words: WordVectors, config: ScannConfig) -> P
 
 
 def build_image_index(staging: Path, image_vectors: np.ndarray, images: list[ImageRecord],
-                      shards: int = 1) -> artifact.IndexInfo:
+                      shards: int = 1, features: np.ndarray | None = None) -> artifact.IndexInfo:
     """Build and save the image index under `staging/indexes/images/`; returns its description.
 
-    With `shards` > 1 it is split by a hash of each image's id into `indexes/images/shard-<i>/`, one
-    folder per index process.
+    `features`: the images' backbone features, in their rows, kept beside the vectors (unit length,
+    float16) for near-duplicate search. With `shards` > 1 it is split by a hash of each image's id into
+    `indexes/images/shard-<i>/`, one folder per index process.
     """
     folder = staging / artifact.INDEXES / "images"
     items = [Item(r.id, r.path, r.label, taken(r.path)) for r in images]
@@ -83,10 +86,11 @@ def build_image_index(staging: Path, image_vectors: np.ndarray, images: list[Ima
         owner = np.asarray([shard_of(item.id, shards) for item in items])
         for shard in range(shards):
             rows = np.flatnonzero(owner == shard)
-            part = VectorIndex.build("images", image_vectors[rows], [items[row] for row in rows])
+            part = VectorIndex.build("images", image_vectors[rows], [items[row] for row in rows],
+                                     features=None if features is None else features[rows])
             part.save(folder / SHARD_DIR.format(shard))
         index = part
     else:
-        index = VectorIndex.build("images", image_vectors, items)
+        index = VectorIndex.build("images", image_vectors, items, features=features)
         index.save(folder)
     return artifact.IndexInfo(len(items), index.dimension, shards, dict(index.config.__dict__))

@@ -3,9 +3,10 @@
 The folder is listed (at any depth; the live log folded in, as batch-train does), features come from
 the feature cache and only new or changed files are extracted (Ray Data), every image is embedded in
 the artifact's default mode, and a new artifact version is published: the same model files and word
-index (hard links where the file system allows, else copies) beside a new image index. Files that
-disappeared from the folder are no longer in it. Running services switch to the new version without
-a restart. report.json says how many images were extracted and how many came from the cache.
+index (hard links where the file system allows, else copies) beside a new image index, which keeps the
+images' backbone features too (near-duplicate search). Files that disappeared from the folder are no
+longer in it. Running services switch to the new version without a restart. report.json says how many
+images were extracted and how many came from the cache.
 
 `--watch DIR` keeps a folder in step with the running services instead (services/gateway/watch.py).
 """
@@ -26,8 +27,8 @@ import numpy as np
 import ray
 
 from batch.build_index import build_image_index
-from batch.extract import extract
-from batch.images import list_images
+from batch.extract import Extraction, extract
+from batch.images import ImageRecord, list_images
 from batch.publish import link_or_copy, new_staging, publish
 from batch.train import run_job, with_live_updates
 from services.common import artifact
@@ -65,25 +66,36 @@ def run(artifacts: Path, index_data: Path, cache: Path, batch_size: int = 64, th
     extraction = extract(records, manifest.backbone.name, current / artifact.BACKBONE,
                          Preprocessing.from_dict(manifest.backbone.preprocessing), cache / "features", batch_size,
                          actors, threads_per_actor)
+    return publish_images(artifacts, records, extraction, str(index_data), live_changes, started)
+
+
+def publish_images(artifacts: Path, records: list[ImageRecord], extraction: Extraction, searchable: str,
+                   live_changes: dict | None = None, started: float | None = None) -> Path:
+    """Publish a version of the current artifact whose image index holds the readable `records`, embedded
+    (and their backbone features kept) from `extraction`; `searchable` is what the manifest says was indexed."""
+    started = time.perf_counter() if started is None else started
+    current = artifact.resolve(artifacts)
+    manifest = artifact.read_manifest(current)
     readable = [r for r in records if r.path in extraction.features]
     if not readable:
-        raise ValueError(f"{index_data}: no readable images to make searchable")
+        raise ValueError(f"{searchable}: no readable images to make searchable")
     modes = Modes.load(current / MODES_FILE, Head.load(current / artifact.HEAD), ModeParams.from_dict(manifest.modes))
-    vectors = modes.embed(np.stack([extraction.features[r.path] for r in readable]))
+    features = np.stack([extraction.features[r.path] for r in readable])
+    vectors = modes.embed(features)
     staging = new_staging(artifacts)
     try:
         link_or_copy_tree(current, staging, leave_out=current / artifact.INDEXES / "images")
-        images = build_image_index(staging, vectors, readable, manifest.indexes["images"].shards)
+        images = build_image_index(staging, vectors, readable, manifest.indexes["images"].shards, features)
         (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(extraction.unreadable.items())))
         report = {"images": {"searchable": len(readable), "extracted_now": extraction.extracted,
                              "from_cache": len(records) - extraction.extracted - len(extraction.unreadable),
-                             "unreadable": len(extraction.unreadable), "live_updates": live_changes},
+                             "unreadable": len(extraction.unreadable), "live_updates": live_changes or {}},
                   "model_of": manifest.version, "mode": modes.params.default,
                   "seconds": {"extract": round(extraction.seconds, 1), "total": round(time.perf_counter() - started, 1)}}
         (staging / artifact.REPORT).write_text(json.dumps(report, indent=2))
         version = publish(staging, artifacts, replace(
             manifest, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            data=replace(manifest.data, searchable=str(index_data)), indexes={**manifest.indexes, "images": images}))
+            data=replace(manifest.data, searchable=searchable), indexes={**manifest.indexes, "images": images}))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -182,10 +182,12 @@ def run(options: Options) -> Path:
     extracted = extract_features(options, inputs, onnx_path)
     training = fit_head(options, inputs.labels, extracted, space)
     chosen = choose_modes(options, onnx_path, inputs.labels, extracted, training, space)
-    image_vectors = chosen.modes.embed(np.stack([extracted.extraction.features[r.path] for r in extracted.index]))
+    image_features = np.stack([extracted.extraction.features[r.path] for r in extracted.index])
+    image_vectors = chosen.modes.embed(image_features)
     staging = new_staging(options.artifacts)
     try:
-        indexes = write_files(staging, options, onnx_path, training, chosen, extracted, image_vectors, space.words)
+        indexes = write_files(staging, options, onnx_path, training, chosen, extracted, (image_vectors, image_features),
+                              space.words)
         report = write_report(staging, inputs, extracted, training, chosen, started)
         version_dir = publish(staging, options.artifacts,
                               manifest_of(options, inputs.labels, extracted, space.words, training, chosen, indexes))
@@ -303,9 +305,10 @@ def choose_modes(options: Options, onnx_path: Path, labels: list[str], extracted
 
 
 def write_files(staging: Path, options: Options, onnx_path: Path, training: Training, chosen: Chosen,
-                extracted: Extracted, image_vectors: np.ndarray, words: word_vectors.WordVectors
+                extracted: Extracted, images: tuple[np.ndarray, np.ndarray], words: word_vectors.WordVectors
                 ) -> dict[str, artifact.IndexInfo]:
-    """The artifact's files but the report and the manifest; returns the indexes' descriptions."""
+    """The artifact's files but the report and the manifest; returns the indexes' descriptions.
+    `images`: the searchable images' vectors and backbone features, in the rows of `extracted.index`."""
     shutil.copyfile(onnx_path, staging / artifact.BACKBONE)
     training.trained.head.save(staging / artifact.HEAD)
     chosen.modes.save(staging / MODES_FILE)
@@ -315,7 +318,8 @@ def write_files(staging: Path, options: Options, onnx_path: Path, training: Trai
         chosen.extras.zero_shot.save(staging / quality.BASELINES / quality.ZERO_SHOT_HEAD)
     if chosen.report:
         (staging / quality.REPORT_MD).write_text(quality.markdown(chosen.report))
-    indexes = build_indexes(staging, image_vectors, extracted.index, words, options.shards, options.cache)
+    indexes = build_indexes(staging, images[0], extracted.index, words, options.shards, options.cache,
+                            features=images[1])
     unreadable = extracted.extraction.unreadable
     (staging / artifact.UNREADABLE).write_text("".join(f"{p}\t{e}\n" for p, e in sorted(unreadable.items())))
     return indexes

@@ -133,7 +133,8 @@ def markdown(results: dict) -> str:
                  f"{r['qps_one_core']:,}", f"{r['memory_bytes_per_vector']:,}"] for r in results["scale"]]),
         "",
     ]
-    for name in ("findings.md", "models.md"):  # models.md: `make bench-models`' section, kept across reruns
+    # models.md and duplicates.md: the sections of `make bench-models` and `make bench-duplicates`, kept across reruns
+    for name in ("findings.md", "models.md", "duplicates.md"):
         section = Path(__file__).with_name(name)
         if section.is_file():
             out += [section.read_text().rstrip(), ""]

@@ -27,6 +27,7 @@ from services.common.shards import shard_of
 from tests.conftest import wait_serving
 
 SHARDS = 3
+DUPLICATES_THRESHOLD = 0.8  # low enough that CIFAR-10's photos have some near-duplicate groups
 QUERIES = ["ship", "dog", "cat sofa", "airplane+sky", "truck:2 road", "frog-bird", "ocean"]
 
 
@@ -41,7 +42,9 @@ def sharded_artifact(artifact_root, tmp_path_factory):
     link_or_copy_tree(whole, staging, leave_out=whole / artifact.INDEXES / "images")
     items = read_items(whole / artifact.INDEXES / "images" / "items.jsonl")
     vectors = np.load(whole / artifact.INDEXES / "images" / "vectors.npy")
-    images = build_image_index(staging, vectors, [ImageRecord(i.id, i.path, i.label) for i in items], SHARDS)
+    features = np.load(whole / artifact.INDEXES / "images" / "features.npy")
+    images = build_image_index(staging, vectors, [ImageRecord(i.id, i.path, i.label) for i in items], SHARDS,
+                               features)
     publish(staging, root, replace(manifest, indexes={**manifest.indexes, "images": images}))
     return root
 
@@ -56,6 +59,9 @@ def test_shards_partition_the_same_images(artifact_root, sharded_artifact):
     assert sorted(i.id for i in items) == sorted(reference) and all(len(read_items(p / "items.jsonl")) for p in parts)
     expected = np.load(whole / "indexes/images/vectors.npy")[[reference[i.id] for i in items]]
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    features = np.concatenate([np.load(part / artifact.FEATURES) for part in parts])  # each shard its images' own
+    assert features.dtype == np.float16 and features.shape == (1000, 1280)
+    assert np.array_equal(features, np.load(whole / "indexes/images" / artifact.FEATURES)[[reference[i.id] for i in items]])
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,15 @@ def test_a_mixed_query_explained_over_three_shards_answers_as_one(services, shar
         similar = sharded.similar(id="ship/0003.jpg", k=5, explain=True)
         assert [h.id for h in similar] == [h.id for h in whole.similar(id="ship/0003.jpg", k=5)]
         assert all(len(h.explanation.words) == 5 for h in similar)
+
+
+def test_near_duplicates_over_three_shards_are_those_of_one_index(services, sharded_gateway):
+    """The gateway gathers every shard's features, so pairs across shards (most of them) are found too."""
+    with Client(services.gateway, timeout=120) as whole, Client(sharded_gateway[0], timeout=120) as sharded:
+        one, three = whole.duplicates(threshold=DUPLICATES_THRESHOLD), sharded.duplicates(threshold=DUPLICATES_THRESHOLD)
+    assert one.images == three.images == 1000 and one.total_groups >= 3
+    assert any(len({shard_of(hit.id, SHARDS) for hit in group}) > 1 for group in one.groups)  # some span shards
+    assert {frozenset(h.id for h in g) for g in one.groups} == {frozenset(h.id for h in g) for g in three.groups}
 
 
 def test_filters_and_pages_over_three_shards_answer_as_one(services, sharded_gateway):

@@ -8,6 +8,9 @@ Layout of one version (`ARTIFACTS/<version>/`, with `ARTIFACTS/current` pointing
     modes.npz                the ImageNet classifier, class vectors and training centroids of the conse/hybrid/gated modes
     baselines/               the softmax baseline and the zero-shot head (the quality report's)
     indexes/<name>/          vectors.npy, items.jsonl, scann/ (serialized searcher)
+    indexes/images/          also features.npy: each image's backbone features, unit length, float16,
+                             in the rows of vectors.npy (near-duplicate search; absent in artifacts
+                             built before it, which `make index` rebuilds); per shard when sharded
     report.json, report.md   training summary and the quality report on the validation split
     unreadable.txt           images that could not be read, with the reason
 
@@ -25,6 +28,7 @@ MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
 HEAD = "head.npz"
 INDEXES = "indexes"
+FEATURES = "features.npy"  # beside an image index's vectors.npy
 REPORT = "report.json"
 UNREADABLE = "unreadable.txt"
 CURRENT = "current"
@@ -60,6 +64,11 @@ class Backbone:
     @classmethod
     def from_dict(cls, data: dict) -> Backbone:
         return cls(data["name"], data["weights"], int(data["feature_dimension"]), dict(data["preprocessing"]))
+
+    @property
+    def identity(self) -> str:
+        """Features made by backbones of one identity can be compared (near-duplicate search)."""
+        return f"{self.name}:{self.weights}:{self.feature_dimension}"
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,13 @@ class EncoderCore:
         ImageError for bytes that are not a readable image; modes.UnknownModeError (a
         ValueError) for a mode not in `list_modes()`.
         """
+        return self.encode_images_and_features(images, mode)[0]
+
+    def encode_images_and_features(self, images: list[bytes], mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As encode_images, and the images' backbone features too (for near-duplicate search)."""
         mode = self.modes.check(mode)
-        return self.modes.embed(self.images.features(images), mode)
+        features = self.images.features(images)
+        return self.modes.embed(features, mode), features
 
     def info(self) -> dict:
         return {

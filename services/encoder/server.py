@@ -88,7 +88,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             for classes in found], artifact_version=core.version)
 
     def EncodeImage(self, request, context):
-        vectors, version = self._encode([request.image], request.artifact_version, request.mode, context)
+        vectors, _, version = self._encode([request.image], request.artifact_version, request.mode, context)
         return encoder_pb2.Vector(values=vectors[0].tolist(), artifact_version=version)
 
     def EncodeImages(self, request, context):
@@ -97,20 +97,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         if not request.images:
             return encoder_pb2.EncodeImagesResponse()
-        vectors, version = self._encode(list(request.images), request.artifact_version, request.mode, context)
-        return encoder_pb2.EncodeImagesResponse(vectors=[_vector(v) for v in vectors], artifact_version=version)
+        vectors, features, version = self._encode(list(request.images), request.artifact_version, request.mode,
+                                                  context, request.with_features)
+        return encoder_pb2.EncodeImagesResponse(vectors=[_vector(v) for v in vectors], artifact_version=version,
+                                                features=[_vector(f) for f in features] if request.with_features else [])
 
     def Info(self, request, context):
         core: EncoderCore = self.loading.get(context)
         return encoder_pb2.EncoderInfo(**core.info(), default_mode=core.default_mode, modes=core.list_modes())
 
-    def _encode(self, images: list[bytes], version: str, mode: str, context):
+    def _encode(self, images: list[bytes], version: str, mode: str, context, with_features: bool = False):
+        """(vectors, backbone features (unit length) or None, version)."""
         core: EncoderCore = self.loading.get(context, version)
         start = time.perf_counter()
         try:
-            vectors = core.encode_images(images, mode or None)
+            vectors, features = core.encode_images_and_features(images, mode or None)
             self.telemetry.encoded_images(len(images), time.perf_counter() - start)
-            return vectors, core.version
+            if with_features:
+                features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+            return vectors, features, core.version
         except (ImageError, UnknownModeError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 

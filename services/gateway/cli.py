@@ -1,4 +1,4 @@
-"""semsearch: the command line over the Gateway (search, similar, tag, words)."""
+"""semsearch: the command line over the Gateway (search, similar, tag, words, add, delete, duplicates)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import grpc
 from services.common import security
 from services.common.image_terms import DEFAULT_IMAGE_WEIGHT
 from services.gateway import gallery
-from services.gateway.client import DEFAULT_ADDRESS, Client, Explanation, ImageHit, Page, WordHit
+from services.gateway import duplicates as duplicates_core
+from services.gateway.client import DEFAULT_ADDRESS, Client, Duplicates, Explanation, ImageHit, Page, WordHit
 
 
 def explanation_json(explanation: Explanation) -> dict:
@@ -69,6 +70,27 @@ def _explanation_lines(explanation: Explanation) -> list[str]:
     if explanation.classes:
         lines.append("       classes: " + ", ".join(f"{c.word} ({c.score:.2f})" for c in explanation.classes))
     return lines
+
+
+def duplicates_json(found: Duplicates) -> dict:
+    """The `--json` document of duplicates."""
+    return {"threshold": found.threshold, "images": found.images, "without_features": found.without_features,
+            "total_groups": found.total_groups,
+            "groups": [{"size": len(group), "images": [{"id": h.id, "path": h.path, "label": h.label,
+                                                        "score": round(h.score, 6)} for h in group]}
+                       for group in found.groups]}
+
+
+def _duplicates_table(found: Duplicates) -> str:
+    lines = [f"{found.total_groups} group(s) of near-duplicates among {found.images} images "
+             f"(threshold {found.threshold:g})"
+             + (f"; {found.without_features} image(s) without features left out" if found.without_features else "")]
+    for number, group in enumerate(found.groups, 1):
+        lines.append(f"\ngroup {number}: {len(group)} images (score: similarity to the first)")
+        lines.append(_image_table(group))
+    if len(found.groups) < found.total_groups:
+        lines.append(f"\n({found.total_groups - len(found.groups)} smaller group(s) not shown)")
+    return "\n".join(lines)
 
 
 def _image_table(hits: list[ImageHit]) -> str:
@@ -146,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", help="remove images from the collection by id")
     delete.add_argument("ids", nargs="+", metavar="id")
     delete.add_argument("--json", action="store_true", help="print JSON")
+    duplicates = commands.add_parser("duplicates", help="groups of near-identical images (resized, recompressed or "
+                                                         "slightly cropped copies), largest first")
+    duplicates.add_argument("--threshold", type=float,
+                            help="cosine similarity of backbone features at which two images are near-duplicates, "
+                                 f"{duplicates_core.MIN_THRESHOLD} to 1 (default: the gateway's, "
+                                 f"{duplicates_core.DEFAULT_THRESHOLD}, chosen on validation copies)")
+    duplicates.add_argument("--folder", default="", help="only images whose id is under this folder (2024/)")
+    duplicates.add_argument("--max-groups", type=int, default=0, help="show at most this many groups (default: all)")
+    duplicates.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -182,6 +213,9 @@ def run(args: argparse.Namespace, client: Client) -> tuple[dict, str, Callable[[
     if args.command == "delete":
         deleted = client.delete_images(args.ids)
         return {"deleted": deleted}, f"deleted {deleted} image(s)", str
+    if args.command == "duplicates":
+        found = client.duplicates(args.threshold, folder=args.folder, max_groups=args.max_groups)
+        return duplicates_json(found), _duplicates_table(found), str
     hits = client.words(args.word, k=args.k)
     return word_json("words", hits), _word_table(hits), lambda: gallery.render(f"words like {args.word}", words=hits)
 

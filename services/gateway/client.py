@@ -43,6 +43,18 @@ class WordHit:
     score: float
 
 
+@dataclass(frozen=True)
+class Duplicates:
+    """Groups of near-identical images, largest first; in each, the most central image first and every
+    hit's score its similarity to that one."""
+
+    groups: list[list[ImageHit]]
+    threshold: float  # the one used (the gateway's default when none was asked for)
+    images: int  # images compared
+    without_features: int  # images left out: added live without backbone features
+    total_groups: int  # groups found (more than `groups` when max_groups cut them)
+
+
 class Page(list):
     """Image hits, best first, and the token of the page after them ("" after the last page)."""
 
@@ -62,6 +74,10 @@ def _image_hits(response: gateway_pb2.ImageResults) -> Page:
                 for r in response.results)
     page.next_page_token = response.next_page_token
     return page
+
+
+def _image_hit(r: gateway_pb2.ImageResult) -> ImageHit:
+    return ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score)
 
 
 def _word_hits(response: gateway_pb2.WordResults) -> list[WordHit]:
@@ -162,6 +178,14 @@ class Client:
             yield from page
             if not after:
                 return
+
+    def duplicates(self, threshold: float | None = None, folder: str = "", max_groups: int = 0) -> Duplicates:
+        """Groups of near-duplicate images (backbone features at least `threshold` similar; None: the
+        gateway's default), only ids under `folder` when given; at most `max_groups` groups (0: all)."""
+        response = self.stub.FindDuplicates(gateway_pb2.FindDuplicatesRequest(
+            threshold=threshold, folder=folder, max_groups=max_groups), timeout=self.timeout)
+        return Duplicates([[_image_hit(r) for r in group.images] for group in response.groups],
+                          round(response.threshold, 6), response.images, response.without_features, response.total_groups)
 
     def with_token(self, token: str | None) -> "Client":
         """A client on this one's channel (no new connection) that sends `token` instead; close only this one."""

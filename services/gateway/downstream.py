@@ -7,6 +7,7 @@ import ipaddress
 import itertools
 import json
 import logging
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 1.0
 # Client errors pass through unchanged; a downstream that is down or slow is UNAVAILABLE.
-_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.FAILED_PRECONDITION}  # (a version refusal, which names a version, is retried first)
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # Round robin over every address a target resolves to (replicas); a call that finds a replica
@@ -85,6 +87,16 @@ def _served_version(error: grpc.RpcError) -> str | None:
     if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
         return None
     return dict(error.trailing_metadata() or ()).get(common.VERSION_METADATA)
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """The backbone features of the image index, gathered from every process that holds part of it."""
+
+    items: list[index_pb2.Item]
+    features: np.ndarray  # float16 unit rows, in the order of `items`
+    without_features: int  # images left out: added live without features
+    version: str
 
 
 class Downstream:
@@ -189,6 +201,23 @@ class Downstream:
         answers = [self.call_named(self._shard_name(number), stub.ListItems, request, context)
                    for number, stub in enumerate(self.shards)]
         return list(itertools.islice(heapq.merge(*(a.items for a in answers), key=lambda item: item.id), request.limit))
+
+    def image_features(self, version: str, folder: str, context) -> ImageFeatures:
+        """Every indexed image's backbone features (under `folder`), all from one artifact version: the first
+        image process answers for `version` ("" for its current one), the others for the version it gave."""
+        processes = [(self._shard_name(n), stub) for n, stub in enumerate(self.shards)] or [("the index service", self.index)]
+        items, blocks, without = [], [], 0
+        for name, stub in processes:
+            request = index_pb2.ImageFeaturesRequest(artifact_version=version, folder=folder)
+            try:
+                for chunk in stub.ImageFeatures(request, timeout=self.deadline(context)):
+                    version, without = chunk.artifact_version, without + chunk.without_features
+                    items.extend(chunk.items)
+                    blocks.append(np.frombuffer(chunk.features, dtype="<f2").reshape(-1, max(chunk.dimension, 1)))
+            except grpc.RpcError as error:
+                self._fail(error, name, context)
+        features = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float16)
+        return ImageFeatures(items, features, without, version)
 
     def image_stubs(self, ids: list[str]) -> list[tuple[str, object, list[int]]]:
         """(name, stub, positions in `ids`) of each image-index process that owns some of `ids`."""

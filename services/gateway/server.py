@@ -24,8 +24,8 @@ from services.common.limits import Limits
 from services.common import server as common
 from services.common.errors import quoted
 from services.common.ids import image_id, path_id_problem
-from services.gateway import explain
-from services.gateway.downstream import Downstream, VersionMismatch
+from services.gateway import duplicates, explain
+from services.gateway.downstream import Downstream, ImageFeatures, VersionMismatch
 from services.gateway.paging import BadScope, Scope
 from services.gateway.text_cache import DEFAULT_SIZE as DEFAULT_TEXT_CACHE, TextVectorCache
 from services.gateway.terms import BadTerms, Query, query_of
@@ -95,6 +95,20 @@ def _ids_to_add(images, context) -> list[str]:
     return [image.id or image_id(image.image) for image in images]
 
 
+def _duplicate_groups(found: ImageFeatures, groups: list[duplicates.Group], threshold: float,
+                      max_groups: int) -> gateway_pb2.DuplicateGroups:
+    def result(row: int, score: float) -> gateway_pb2.ImageResult:
+        item = found.items[row]
+        return gateway_pb2.ImageResult(id=item.id, path=item.path, label=item.label if item.HasField("label") else None,
+                                       score=score)
+
+    shown = groups[:max_groups] if max_groups else groups
+    return gateway_pb2.DuplicateGroups(
+        groups=[gateway_pb2.DuplicateGroup(images=[result(r, s) for r, s in zip(g.rows, g.scores)]) for g in shown],
+        threshold=threshold, images=len(found.items), without_features=found.without_features,
+        total_groups=len(groups))
+
+
 def _word_results(response: index_pb2.IndexSearchResponse) -> gateway_pb2.WordResults:
     return gateway_pb2.WordResults(words=[gateway_pb2.WordResult(word=n.id, score=n.score) for n in response.neighbors])
 
@@ -108,6 +122,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.downstream = downstream
         self.text_cache = text_cache if text_cache is not None else TextVectorCache(0)
         self.telemetry = telemetry
+        self.duplicates_slot = threading.Semaphore(1)  # one near-duplicate search at a time: it is O(n^2)
 
     def Search(self, request, context):
         _check_k(request.k, context)
@@ -211,10 +226,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         def attempt(version: str) -> None:
             encoded = self.downstream.call("encoder", self.downstream.encoder.EncodeImages, encoder_pb2.EncodeImagesRequest(
-                images=[image.image for image in request.images], artifact_version=version), context)
+                images=[image.image for image in request.images], artifact_version=version, with_features=True), context)
+            features = list(encoded.features) or [None] * len(ids)  # an older encoder gives none
             new = [index_pb2.NewImage(id=item_id, vector=index_pb2.FloatVector(values=vector.values), image=image.image,
-                                      label=image.label if image.HasField("label") else None)
-                   for item_id, vector, image in zip(ids, encoded.vectors, request.images)]
+                                      label=image.label if image.HasField("label") else None,
+                                      features=index_pb2.FloatVector(values=feature.values) if feature else None)
+                   for item_id, vector, feature, image in zip(ids, encoded.vectors, features, request.images)]
             for name, stub, positions in self.downstream.image_stubs(ids):
                 self.downstream.call_named(name, stub.AddImages, index_pb2.IndexAddImagesRequest(
                     images=[new[p] for p in positions], artifact_version=encoded.artifact_version), context)
@@ -254,6 +271,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             images=[gateway_pb2.ImageResult(id=i.id, path=i.path, label=i.label if i.HasField("label") else None)
                     for i in items],
             next_after_id=items[-1].id if len(items) == limit else "")
+
+    def FindDuplicates(self, request, context):
+        # float32 on the wire: 0.84 arrives as 0.8399999737; six decimals give back what the caller wrote
+        threshold = round(request.threshold, 6) if request.HasField("threshold") else duplicates.DEFAULT_THRESHOLD
+        problem = duplicates.threshold_problem(threshold)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if request.max_groups < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_groups must be 0 (all) or more; got {request.max_groups}")
+        if not self.duplicates_slot.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "a near-duplicate search is already running; retry after it")
+        try:
+            found = self._on_one_version(lambda version: self.downstream.image_features(version, request.folder, context),
+                                         context)
+            try:
+                groups = duplicates.near_duplicate_groups(found.features, threshold)
+            except duplicates.TooManyPairs as error:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        finally:
+            self.duplicates_slot.release()
+        return _duplicate_groups(found, groups, threshold, request.max_groups)
 
     def _on_one_version(self, attempt, context):
         """Run `attempt(version)` ("" first: whatever is current) until encoder and index agree.

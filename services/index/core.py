@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Iterator
 
 import numpy as np
 import scann
 
+from services.common import artifact
 from services.common import bounds
 from services.common import shards as sharding
 from services.common.errors import quoted
@@ -33,6 +34,7 @@ EXACT_ROWS = 4096  # a filter that keeps at most this many rows (or EXACT_SHARE 
 EXACT_SHARE = 0.05
 FILTERED_DEPTH = 2  # a filtered search fetches this many times deeper, and searches this many times more leaves
 FILTERS_KEPT = 64  # the matching rows of this many recent filters are kept
+FEATURE_CHUNK = 1024  # rows of backbone features in one chunk (2.5 MiB at 1,280 float16 values)
 
 
 class InvalidQuery(ValueError):
@@ -47,6 +49,23 @@ class UnknownIndex(KeyError):
 class UnknownId(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class NoFeatures(LookupError):
+    """The index was built without backbone features (an artifact from before they were kept)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+FeatureChunks = Iterator[tuple[list[Item], np.ndarray]]  # (items, their float16 unit features)
+
+
+def unit_features(features) -> np.ndarray:
+    """Backbone features as they are kept: each row scaled to unit length (zero rows stay zero), float16."""
+    rows = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return (rows / np.where(norms == 0, 1, norms)).astype(np.float16)
 
 
 @dataclass(frozen=True)
@@ -115,30 +134,40 @@ def check_min_score(min_score: float | None) -> None:
 class VectorIndex:
     """Unit vectors, their items and a ScaNN searcher; answers top-k by cosine similarity."""
 
-    def __init__(self, name: str, vectors: np.ndarray, items: list[Item], searcher, config: ScannConfig):
-        if len(vectors) != len(items):
-            raise ValueError(f"index {name}: {len(vectors)} vectors but {len(items)} items")
+    def __init__(self, name: str, vectors: np.ndarray, items: list[Item], searcher, config: ScannConfig,
+                 features: np.ndarray | None = None):
+        if len(vectors) != len(items) or (features is not None and len(features) != len(items)):
+            raise ValueError(f"index {name}: {len(vectors)} vectors, "
+                             f"{'no' if features is None else len(features)} feature rows, but {len(items)} items")
         self.name = name
         self.vectors = vectors
         self.items = items
         self.config = config
         self.searcher = searcher
+        self.features = features  # backbone features (unit_features) in the rows of `vectors`, or None
         self._rows = {item.id: row for row, item in enumerate(items)}
         self._filters: dict[tuple, np.ndarray] = {}
         self._filters_lock = threading.Lock()
 
     @classmethod
-    def build(cls, name: str, vectors: np.ndarray, items: list[Item], config: ScannConfig | None = None) -> "VectorIndex":
+    def build(cls, name: str, vectors: np.ndarray, items: list[Item], config: ScannConfig | None = None,
+              features: np.ndarray | None = None) -> "VectorIndex":
+        """`features`: the images' backbone features, kept (as unit_features) for near-duplicate search."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         config = config or ScannConfig.for_size(len(vectors))
         started = time.perf_counter()
         searcher = _build_searcher(vectors, config)
         log.info("built %s index: %d x %d, %s, %.1f s", name, *vectors.shape, config.method, time.perf_counter() - started)
-        return cls(name, vectors, items, searcher, config)
+        return cls(name, vectors, items, searcher, config, None if features is None else unit_features(features))
 
     @property
     def dimension(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def feature_dimension(self) -> int:
+        """Values per backbone feature row; 0 when the index keeps none."""
+        return 0 if self.features is None else int(self.features.shape[1])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -290,6 +319,21 @@ class VectorIndex:
     def _sorted_ids(self) -> np.ndarray:
         return self._ids[self._by_id]
 
+    def feature_chunks(self, folder: str = "", hidden: Collection[str] = (), size: int = FEATURE_CHUNK) -> FeatureChunks:
+        """The backbone features of the items under `folder` (a folder_prefix; "" for all) but `hidden`
+        ids, in chunks of `size` rows; NoFeatures when the index has none."""
+        if self.features is None:
+            raise NoFeatures(f"index {self.name!r} has no backbone features")
+        rows = self.matching_rows(Selection(folder=folder)) if folder else np.arange(len(self.items))
+        dropped = [self._rows[item_id] for item_id in hidden if item_id in self._rows]
+        if dropped:
+            rows = np.setdiff1d(rows, dropped)
+        return ((self._items_at(rows[start:start + size]), np.asarray(self.features[rows[start:start + size]]))
+                for start in range(0, len(rows), size))
+
+    def _items_at(self, rows: np.ndarray) -> list[Item]:
+        return [self.items[row] for row in rows.tolist()]
+
     def _nearest(self, query: np.ndarray, wanted: int, depth: int = 1):
         if self.config.method == "brute_force":
             return self.searcher.search(query, final_num_neighbors=wanted)
@@ -300,6 +344,8 @@ class VectorIndex:
     def save(self, directory: Path) -> None:
         (directory / "scann").mkdir(parents=True, exist_ok=True)
         np.save(directory / "vectors.npy", self.vectors)
+        if self.features is not None:
+            np.save(directory / artifact.FEATURES, self.features)
         write_items(directory / "items.jsonl", self.items)
         (directory / "config.json").write_text(json.dumps(self.config.__dict__))
         self.searcher.serialize(str(directory / "scann"))
@@ -312,8 +358,10 @@ class VectorIndex:
         items = read_items(directory / "items.jsonl")
         config = ScannConfig(**json.loads((directory / "config.json").read_text()))
         searcher = _load_searcher(directory / "scann")
+        # read from disk when asked for (near-duplicate search), not held in memory all the time
+        features = np.load(directory / artifact.FEATURES, mmap_mode="r") if (directory / artifact.FEATURES).is_file() else None
         log.info("loaded %s index: %d x %d in %.1f s", name, *vectors.shape, time.perf_counter() - started)
-        return cls(name, vectors, items, searcher, config)
+        return cls(name, vectors, items, searcher, config, features)
 
 
 _ASSET_PATH = re.compile(r'asset_path: "((?:[^"\\]|\\.)*)"')
@@ -361,6 +409,10 @@ class ShardedIndex:
     def dimension(self) -> int:
         return self.shards[0].dimension
 
+    @property
+    def feature_dimension(self) -> int:
+        return min(shard.feature_dimension for shard in self.shards)
+
     def __len__(self) -> int:
         return sum(len(shard) for shard in self.shards)
 
@@ -376,6 +428,10 @@ class ShardedIndex:
 
     def list_items(self, folder: str, after_id: str, limit: int) -> list[Item]:
         return first_by_id([shard.list_items(folder, after_id, limit) for shard in self.shards], limit)
+
+    def feature_chunks(self, folder: str = "", hidden: Collection[str] = (), size: int = FEATURE_CHUNK) -> FeatureChunks:
+        parts = [shard.feature_chunks(folder, hidden, size) for shard in self.shards]  # NoFeatures before any chunk
+        return (chunk for part in parts for chunk in part)
 
 
 def _shard_dirs(directory: Path) -> list[Path]:

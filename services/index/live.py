@@ -27,8 +27,10 @@ from services.common.ids import ID_PREFIX, image_id, is_image_id, path_id_proble
 from services.common.items import Item
 from services.common.taken import taken
 from services.common.shards import shard_of
-from services.index.core import (Hit, InvalidQuery, UnknownId, check_k, check_min_score, first_by_id, merge,
-                                 unit_query)
+from services.index.core import (
+    FEATURE_CHUNK, FeatureChunks, Hit, InvalidQuery, UnknownId, check_k, check_min_score, first_by_id, merge,
+    unit_features, unit_query,
+)
 from services.index.selection import EVERYTHING, Selection
 from services.index.live_log import (  # noqa: F401  (re-exported: the log's names are part of this module's API)
     IMAGES_DIR, LIVE_DIR, LOCK_NAME, LOG_NAME, Entry, LiveLog, image_file, live_dir, membership,
@@ -47,6 +49,8 @@ class _Delta:
     vectors: np.ndarray
     rows: dict[str, int]
     deleted: frozenset[str]  # the artifact's own images left out: deleted, or replaced by an item above
+    features: np.ndarray  # float16 unit backbone features in the rows of `items`; zeros where none
+    with_features: np.ndarray  # bool per row: it has them
 
 
 class LiveImages:
@@ -56,11 +60,15 @@ class LiveImages:
     every answer. Readers see immutable snapshots, so searches never take the lock.
     """
 
-    def __init__(self, base, artifact_root: Path, space: str, shard: tuple[int, int] | None = None):
+    def __init__(self, base, artifact_root: Path, space: str, shard: tuple[int, int] | None = None,
+                 backbone: str = ""):
+        """`space`: the artifact's word space; `backbone`: its backbone (artifact.Backbone.identity), whose
+        features an added image's must be to be compared with the artifact's."""
         self.base = base
         self.name = base.name
         self.config = base.config
         self.space = space
+        self.backbone = backbone
         self.shard = shard
         self.log = LiveLog(artifact_root)
         self._lock = threading.Lock()
@@ -71,7 +79,8 @@ class LiveImages:
 
     def _reset(self) -> None:
         """Back to the artifact alone (before the first read, and when a compaction replaced the log)."""
-        self._delta = _Delta((), np.zeros((0, self.base.dimension), dtype=np.float32), {}, frozenset())
+        self._delta = _Delta((), np.zeros((0, self.base.dimension), dtype=np.float32), {}, frozenset(),
+                             np.zeros((0, self.feature_dimension), np.float16), np.zeros(0, bool))
         self.pending: set[str] = set()  # added in another word space: searchable after the next batch-train
         self._files: dict[str, str] = {}  # stored bytes of each added id
         self._lines, self._ids = 0, set()  # log lines read, and the ids they name: when to compact
@@ -79,6 +88,10 @@ class LiveImages:
     @property
     def dimension(self) -> int:
         return self.base.dimension
+
+    @property
+    def feature_dimension(self) -> int:
+        return self.base.feature_dimension
 
     def __len__(self) -> int:
         delta = self._delta
@@ -125,7 +138,8 @@ class LiveImages:
 
     def _apply(self, entries: list[Entry]) -> None:
         delta = self._delta
-        added = {item.id: (item, delta.vectors[row]) for row, item in enumerate(delta.items)}
+        added = {item.id: (item, delta.vectors[row], delta.features[row] if delta.with_features[row] else None)
+                 for row, item in enumerate(delta.items)}
         deleted = set(delta.deleted)
         for entry in entries:
             if entry.op == "delete":
@@ -147,25 +161,43 @@ class LiveImages:
                 self.pending.add(entry.id)
                 continue
             path = str(self.log.directory / entry.file)
-            added[entry.id] = (Item(entry.id, path, entry.label, taken(path)), np.asarray(entry.vector, dtype=np.float32))
-        items = tuple(item for item, _ in added.values())
-        vectors = (np.stack([vector for _, vector in added.values()]) if added
+            added[entry.id] = (Item(entry.id, path, entry.label, taken(path)), np.asarray(entry.vector, dtype=np.float32),
+                               self._features_of(entry))
+        items = tuple(item for item, _, _ in added.values())
+        vectors = (np.stack([vector for _, vector, _ in added.values()]) if added
                    else np.zeros((0, self.dimension), dtype=np.float32))
-        self._delta = _Delta(items, vectors, {item.id: row for row, item in enumerate(items)}, frozenset(deleted))
+        found = [features for _, _, features in added.values()]
+        features = np.zeros((len(items), self.feature_dimension), np.float16)
+        with_features = np.asarray([row is not None for row in found], bool)
+        if with_features.any():
+            features[with_features] = np.stack([row for row in found if row is not None])
+        self._delta = _Delta(items, vectors, {item.id: row for row, item in enumerate(items)}, frozenset(deleted),
+                             features, with_features)
         if self.pending:
             log.warning("%d added images were embedded in another word space than %s; "
                         "they become searchable after the next batch-train", len(self.pending), self.space)
 
-    def add(self, images: list[tuple[str, bytes, list[float], str | None]]) -> list[str]:
-        """(id, bytes, vector, label) each: checked, stored, logged durably, applied; returns the ids."""
-        for item_id, data, vector, label in images:
+    def _features_of(self, entry: Entry) -> np.ndarray | None:
+        """An added image's features, when its backbone is the artifact's (else it is left out of duplicates)."""
+        if not entry.features or entry.backbone != self.backbone or len(entry.features) != 2 * self.feature_dimension:
+            return None
+        return np.frombuffer(entry.features, dtype="<f2")
+
+    def add(self, images: list[tuple]) -> list[str]:
+        """(id, bytes, vector, label) or (id, bytes, vector, label, backbone features) each: checked,
+        stored, logged durably, applied; returns the ids. An image without features is left out of
+        near-duplicate search until the next batch-train."""
+        images = [(*image, None) if len(image) == 4 else tuple(image) for image in images]
+        for item_id, data, vector, label, features in images:
             check_new_image(item_id, data, vector, self.dimension, label)
+            check_features(features, self.feature_dimension)
             self._check_shard(item_id)
         entries = [Entry("add", item_id, label, image_file(data, item_id),
-                         tuple(float(v) for v in unit_query(vector, self.dimension)), self.space)
-                   for item_id, data, vector, label in images]
+                         tuple(float(v) for v in unit_query(vector, self.dimension)), self.space,
+                         *self._features_entry(features))
+                   for item_id, data, vector, label, features in images]
         replaced = [self._files[e.id] for e in entries if self._files.get(e.id, e.file) != e.file and not is_image_id(e.id)]
-        self.log.append(entries, images=[data for _, data, _, _ in images], remove=replaced)
+        self.log.append(entries, images=[image[1] for image in images], remove=replaced)
         self.refresh()
         self._compact_if_due()
         return [entry.id for entry in entries]
@@ -206,6 +238,26 @@ class LiveImages:
         if row is None and item_id in delta.deleted:
             raise UnknownId(f"no item {quoted(item_id)} in index {self.name!r} (it was deleted)")
         return row
+
+    def _features_entry(self, features) -> tuple[bytes, str]:
+        if features is None or not len(features) or not self.feature_dimension:
+            return b"", ""
+        return unit_features(features).astype("<f2").tobytes(), self.backbone
+
+    def feature_chunks(self, folder: str = "", size: int = FEATURE_CHUNK) -> FeatureChunks:
+        """The artifact's features (deleted images left out), then those of the images added since, under
+        `folder` (a folder_prefix); NoFeatures when the artifact has none."""
+        delta = self._delta
+        base = self.base.feature_chunks(folder, delta.deleted, size)
+        rows = [row for row, item in enumerate(delta.items) if delta.with_features[row] and item.id.startswith(folder)]
+        added = (([delta.items[row] for row in rows[start:start + size]], delta.features[rows[start:start + size]])
+                 for start in range(0, len(rows), size))
+        return (chunk for part in (base, added) for chunk in part)
+
+    def without_features(self, folder: str = "") -> int:
+        """Images added live under `folder` whose features are missing (or from another backbone)."""
+        delta = self._delta
+        return sum(1 for row, item in enumerate(delta.items) if not delta.with_features[row] and item.id.startswith(folder))
 
     def search(self, query, k: int, min_score: float | None = None, exclude: Collection[str] = (),
                selection: Selection = EVERYTHING) -> list[Hit]:
@@ -265,3 +317,15 @@ def check_new_image(item_id: str, data: bytes, vector, dimension: int, label: st
     if problem:
         raise InvalidQuery(f"id {quoted(item_id)}: {problem}")
     unit_query(vector, dimension)
+
+
+def check_features(features, dimension: int) -> None:
+    """InvalidQuery unless `features` (if any) are finite and of the artifact's feature dimension. An
+    artifact that keeps no features (dimension 0) ignores them."""
+    if features is None or not len(features) or not dimension:
+        return
+    values = np.asarray(features, dtype=np.float32)
+    if values.shape != (dimension,):
+        raise InvalidQuery(f"an added image's features have {values.size} values; the artifact's backbone gives {dimension}")
+    if not np.all(np.isfinite(values)):
+        raise InvalidQuery("an added image's features contain NaN or infinity")

@@ -1,6 +1,7 @@
 """The live-update log of an artifact root and the image bytes it names; pure file work, no index.
 
     ARTIFACTS/live/images.log     one JSON line per add or delete, fsynced before the call returns
+                                  (an add's backbone features, when given: base64 of float16 values)
     ARTIFACTS/live/images/<hex>   the bytes of each added image, named by their sha256
 
 Every write (image bytes, log lines, removals, compaction) happens under one exclusive flock on
@@ -12,6 +13,8 @@ remaining add names; a reader that sees a new log (another inode) reads it again
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fcntl
 import hashlib
 import json
@@ -59,6 +62,8 @@ class Entry:
     file: str = ""  # added images: the stored bytes, relative to the live folder
     vector: tuple[float, ...] = ()
     space: str = ""  # the word space the vector lives in: "<word-vector source>:<dimension>"
+    features: bytes = b""  # the image's unit backbone features, float16 little-endian; empty: none given
+    backbone: str = ""  # the backbone that made them: artifact.Backbone.identity
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,8 @@ def _entry_dict(entry: Entry) -> dict:
         data.update(file=entry.file, vector=list(entry.vector), space=entry.space)
         if entry.label is not None:
             data["label"] = entry.label
+        if entry.features:
+            data.update(features=base64.b64encode(entry.features).decode("ascii"), backbone=entry.backbone)
     return data
 
 
@@ -225,7 +232,21 @@ def _entry_of(data) -> Entry:
         raise ValueError("an add needs a string 'file' and 'space', a list of numbers 'vector', a string or no 'label'")
     if not (is_image_id(item_id) or path_id_problem(item_id) is None) or not _FILE.fullmatch(file):
         raise ValueError("an add needs an 'added/' content id or a relative path, and a file in images/")
-    return Entry(op, item_id, label, file, tuple(float(v) for v in vector), space)
+    return Entry(op, item_id, label, file, tuple(float(v) for v in vector), space, *_features_of(data))
+
+
+def _features_of(data: dict) -> tuple[bytes, str]:
+    """An add's optional features and their backbone; ValueError when present but malformed."""
+    if "features" not in data:
+        return b"", ""
+    encoded, backbone = data["features"], data.get("backbone")
+    try:
+        features = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
+    except binascii.Error:
+        features = None
+    if not features or len(features) % 2 or not isinstance(backbone, str):
+        raise ValueError("an add's 'features' must be base64 of float16 values, with a string 'backbone'")
+    return features, backbone
 
 
 def membership(artifact_root: Path) -> tuple[dict[str, Entry], set[str]]:

@@ -20,7 +20,7 @@ from services.common import metrics
 from services.common import security
 from services.common.limits import Limits
 from services.common import server as common
-from services.index.core import IndexSet, InvalidQuery, UnknownId, UnknownIndex
+from services.index.core import IndexSet, InvalidQuery, NoFeatures, UnknownId, UnknownIndex
 from services.index.live import LiveImages
 from services.index.selection import Cursor, Selection, folder_prefix, selection_problem
 
@@ -37,7 +37,7 @@ def load_index_set(directory: Path, names: list[str] | None = None, shard: int |
     indexes = IndexSet.load(directory / artifact.INDEXES, manifest.version, names, shard)
     if LIVE_INDEX in indexes.indexes:
         indexes.indexes[LIVE_INDEX] = LiveImages(indexes.indexes[LIVE_INDEX], directory.parent, manifest.space,
-                                                 indexes.shards.get(LIVE_INDEX))
+                                                 indexes.shards.get(LIVE_INDEX), manifest.backbone.identity)
     return indexes
 
 
@@ -145,8 +145,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         try:
             ids = _live_images(indexes).add([
-                (image.id, image.image, image.vector.values, image.label if image.HasField("label") else None)
-                for image in request.images])
+                (image.id, image.image, image.vector.values, image.label if image.HasField("label") else None,
+                 image.features.values) for image in request.images])
         except InvalidQuery as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except UnknownIndex as error:
@@ -182,6 +182,31 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         return index_pb2.ListItemsResponse(items=[index_pb2.Item(id=i.id, path=i.path, label=i.label) for i in items],
                                            artifact_version=indexes.version)
+
+    def ImageFeatures(self, request, context):
+        indexes: IndexSet = self.loading.get(context, request.artifact_version)
+        try:
+            problem = selection_problem([], request.folder, None)
+            if problem:
+                raise InvalidQuery(problem)
+            images = _live_images(indexes)
+            folder = folder_prefix(request.folder)
+            chunks = images.feature_chunks(folder)
+        except InvalidQuery as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except UnknownIndex as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except NoFeatures:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"artifact version {indexes.version} keeps no backbone features (it was built before "
+                          "near-duplicate search); rebuild it with `make index INDEX_DATA=<folder>` or `make batch-train`")
+        yield index_pb2.ImageFeaturesChunk(dimension=images.feature_dimension, artifact_version=indexes.version,
+                                           without_features=images.without_features(folder))
+        for items, features in chunks:
+            yield index_pb2.ImageFeaturesChunk(
+                items=[index_pb2.Item(id=i.id, path=i.path, label=i.label) for i in items],
+                features=features.astype("<f2").tobytes(), dimension=images.feature_dimension,
+                artifact_version=indexes.version)
 
     def Info(self, request, context):
         indexes: IndexSet = self.loading.get(context)
