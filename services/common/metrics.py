@@ -55,7 +55,30 @@ KINDS = ("gateway", "encoder", "index")
 request_log = logging.getLogger(REQUEST_LOGGER)
 
 
-class Telemetry:
+class MetricsEndpoint:
+    """/metrics over HTTP for a server's registry, on `metrics_port` (None: none; 0: a free port, read `port`
+    once started)."""
+
+    registry: CollectorRegistry
+    metrics_port: int | None = None
+    port: int | None = None
+    _http = None
+
+    def start(self, host: str) -> None:
+        """Serve /metrics on `host`:`metrics_port` (nothing when metrics are off)."""
+        if self.metrics_port is not None and self._http is None:
+            self._http, _thread = start_http_server(self.metrics_port, addr=host, registry=self.registry)
+            self.port = self._http.server_port
+            logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class Telemetry(MetricsEndpoint):
     """One server's metrics (in its own registry), their HTTP endpoint, the request log setting and its tracer.
 
     `metrics_port`: None serves no metrics (and the interceptor skips measuring them); 0 picks a free
@@ -72,8 +95,6 @@ class Telemetry:
         self.kind = kind
         self.metrics_port = metrics_port
         self.log_json = log_format == "json"
-        self.port: int | None = None
-        self._http = None
         self.tracer = tracing.tracer_for(tracer_provider)
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ("grpc_service", "grpc_method")
@@ -140,19 +161,6 @@ class Telemetry:
         """For the gateway's channel to `hop`: a span per call (when tracing), its time (when metrics are on)."""
         spans = [tracing.ClientSpans(self.tracer, hop)] if self.tracer is not None else []
         return spans + ([HopTimer(self.downstream, hop)] if self.metrics_on else [])
-
-    def start(self, host: str) -> None:
-        """Serve /metrics on `host`:`metrics_port` (nothing when metrics are off)."""
-        if self.metrics_on and self._http is None:
-            self._http, _thread = start_http_server(self.metrics_port, addr=host, registry=self.registry)
-            self.port = self._http.server_port
-            logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, self.port)
-
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 class _VectorsCollector:

@@ -13,24 +13,21 @@ An ASGI middleware (`RequestMetrics`) measures every HTTP request, the ones refu
 
 from __future__ import annotations
 
-import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.metrics import LATENCY_BUCKETS
+from services.common.metrics import LATENCY_BUCKETS, MetricsEndpoint
 
 UNMATCHED = "unmatched"
 
 
-class WebMetrics:
+class WebMetrics(MetricsEndpoint):
     """The web service's metrics in their own registry; served on `metrics_port` (None: not served;
     0: a free port, read `port` once started)."""
 
     def __init__(self, metrics_port: int | None = None):
         self.metrics_port = metrics_port
-        self.port: int | None = None
-        self._http = None
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("http_server_requests", "HTTP requests answered, by route template and status",
                                 ["route", "method", "status"], registry=registry)
@@ -41,18 +38,6 @@ class WebMetrics:
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
-
-    def start(self, host: str) -> None:
-        if self.metrics_port is not None and self._http is None:
-            self._http, _thread = start_http_server(self.metrics_port, addr=host, registry=self.registry)
-            self.port = self._http.server_port
-            logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, self.port)
-
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 class RequestMetrics:
