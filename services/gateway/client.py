@@ -70,14 +70,13 @@ def _explanation(result: gateway_pb2.ImageResult) -> Explanation | None:
 
 
 def _image_hits(response: gateway_pb2.ImageResults) -> Page:
-    page = Page(ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score, _explanation(r))
-                for r in response.results)
+    page = Page(_image_hit(r) for r in response.results)
     page.next_page_token = response.next_page_token
     return page
 
 
 def _image_hit(r: gateway_pb2.ImageResult) -> ImageHit:
-    return ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score)
+    return ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score, _explanation(r))
 
 
 def _word_hits(response: gateway_pb2.WordResults) -> list[WordHit]:
@@ -160,15 +159,14 @@ class Client:
     def image(self, id: str) -> ImageHit:
         """One indexed image by id (score 0): where its file is and its label."""
         r = self.stub.GetImage(gateway_pb2.GetImageRequest(id=id), timeout=self.timeout)
-        return ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score)
+        return _image_hit(r)
 
     def list_images(self, folder: str = "", after_id: str = "", limit: int = 1000) -> tuple[list[ImageHit], str]:
         """One page of the indexed images under `folder`, sorted by id, and the after_id of the next page
         ("" after the last)."""
         response = self.stub.ListImages(gateway_pb2.ListImagesRequest(folder=folder, after_id=after_id, limit=limit),
                                         timeout=self.timeout)
-        return [ImageHit(r.id, r.path, r.label if r.HasField("label") else None, r.score) for r in response.images], \
-            response.next_after_id
+        return [_image_hit(r) for r in response.images], response.next_after_id
 
     def all_images(self, folder: str = "") -> Iterator[ImageHit]:
         """Every indexed image under `folder`, by id, a page at a time."""

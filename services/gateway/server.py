@@ -75,12 +75,15 @@ class Explained:
     explanations: list[gateway_pb2.Explanation]
 
 
+def _image_result(item, score: float = 0.0) -> gateway_pb2.ImageResult:
+    """The gateway's answer for one index Item or Neighbor (both have id, path and an optional label)."""
+    return gateway_pb2.ImageResult(id=item.id, path=item.path, label=item.label if item.HasField("label") else None,
+                                   score=score)
+
+
 def _image_results(response: index_pb2.IndexSearchResponse,
                    explanations: list[gateway_pb2.Explanation] | None = None) -> gateway_pb2.ImageResults:
-    results = gateway_pb2.ImageResults(results=[
-        gateway_pb2.ImageResult(id=n.id, path=n.path, label=n.label if n.HasField("label") else None, score=n.score)
-        for n in response.neighbors
-    ])
+    results = gateway_pb2.ImageResults(results=[_image_result(n, n.score) for n in response.neighbors])
     for result, explanation in zip(results.results, explanations or ()):
         result.explanation.CopyFrom(explanation)
     return results
@@ -98,9 +101,7 @@ def _ids_to_add(images, context) -> list[str]:
 def _duplicate_groups(found: ImageFeatures, groups: list[duplicates.Group], threshold: float,
                       max_groups: int) -> gateway_pb2.DuplicateGroups:
     def result(row: int, score: float) -> gateway_pb2.ImageResult:
-        item = found.items[row]
-        return gateway_pb2.ImageResult(id=item.id, path=item.path, label=item.label if item.HasField("label") else None,
-                                       score=score)
+        return _image_result(found.items[row], score)
 
     shown = groups[:max_groups] if max_groups else groups
     return gateway_pb2.DuplicateGroups(
@@ -258,7 +259,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "GetImage needs an image id")
         (item,) = self.downstream.image_items([request.id], context)
-        return gateway_pb2.ImageResult(id=item.id, path=item.path, label=item.label if item.HasField("label") else None)
+        return _image_result(item)
 
     def ListImages(self, request, context):
         limit = request.limit or bounds.MAX_LIST
@@ -268,8 +269,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         items = self.downstream.list_images(index_pb2.ListItemsRequest(
             index="images", folder=request.folder, after_id=request.after_id, limit=limit), context)
         return gateway_pb2.ListImagesResponse(
-            images=[gateway_pb2.ImageResult(id=i.id, path=i.path, label=i.label if i.HasField("label") else None)
-                    for i in items],
+            images=[_image_result(item) for item in items],
             next_after_id=items[-1].id if len(items) == limit else "")
 
     def FindDuplicates(self, request, context):
