@@ -52,7 +52,7 @@ def collection(real: Path, cifar: Path, copies_dir: Path, half: str, seed: int
     return photos + [c.record for c in made], made
 
 
-def unit_features(records: list[ImageRecord], artifacts: Path, cache: Path) -> np.ndarray:
+def compared_features(records: list[ImageRecord], artifacts: Path, cache: Path) -> np.ndarray:
     current = artifact.resolve(artifacts)
     manifest = artifact.read_manifest(current)
     found = extract(records, manifest.backbone.name, current / artifact.BACKBONE,
@@ -60,7 +60,7 @@ def unit_features(records: list[ImageRecord], artifacts: Path, cache: Path) -> n
     if found.unreadable:
         raise ValueError(f"unreadable photos: {sorted(found.unreadable)[:5]}")
     features = np.stack([found.features[r.path] for r in records]).astype(np.float32)
-    return (features / np.linalg.norm(features, axis=1, keepdims=True)).astype(np.float16)
+    return duplicates.root_features(features / np.linalg.norm(features, axis=1, keepdims=True))
 
 
 def connected_components(n: int, firsts: np.ndarray, seconds: np.ndarray) -> list[list[int]]:
@@ -140,15 +140,16 @@ def chained(features: np.ndarray, ids: list[str], truth: set, threshold: float) 
 def report(args) -> dict:
     records, made = collection(Path(args.real), Path(args.cifar), Path(args.cache) / "duplicates" / args.half / "copies",
                                args.half, SEEDS[args.half])
-    features = unit_features(records, Path(args.artifacts), Path(args.cache))
+    features = compared_features(records, Path(args.artifacts), Path(args.cache))
     ids = [r.id for r in records]
     rows = sweep(features, ids, duplicate_copies.true_pairs(made))
+    default = duplicates.default_threshold(artifact.read_manifest(artifact.resolve(Path(args.artifacts))).backbone.name)
     chosen = next((r["threshold"] for r in rows if r["average_linkage"]["precision"] >= MIN_PRECISION), THRESHOLDS[-1])
     return {"half": args.half, "images": len(records), "copies": len(made), "sweep": rows, "chosen": chosen,
             "rule": f"the lowest threshold whose pair precision (the service's groups) is >= {MIN_PRECISION}",
             "per_kind_at_chosen": per_kind(features, ids, made, chosen),
-            "per_kind_at_default": per_kind(features, ids, made, duplicates.DEFAULT_THRESHOLD),
-            "default": duplicates.DEFAULT_THRESHOLD, "unrelated": unrelated(features, ids, made),
+            "per_kind_at_default": per_kind(features, ids, made, default),
+            "default": default, "unrelated": unrelated(features, ids, made),
             "components_wrong_at_chosen": chained(features, ids, duplicate_copies.true_pairs(made), chosen)}
 
 

@@ -38,7 +38,7 @@ from services.gateway import duplicates
 from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.index import server as index_server
-from tests.conftest import TRAIN_PER_LABEL
+from tests.conftest import TEST_BACKBONE, TRAIN_PER_LABEL
 from tests.helpers import status_of
 
 TEST_SEED = 1  # crop offsets; bench/duplicates.py's validation copies use 0
@@ -92,7 +92,8 @@ def served(artifact_root, ray_runtime, cache_dir, cifar, real_photos, tmp_path_f
 def test_copies_of_real_photos_are_found_at_the_default_threshold(served):
     with Client(served.gateway, timeout=120) as client:
         found = client.duplicates()
-    assert (found.threshold, found.images, found.without_features) == (duplicates.DEFAULT_THRESHOLD, 2600, 0)
+    default = duplicates.default_threshold(TEST_BACKBONE)
+    assert (found.threshold, found.images, found.without_features) == (default, 2600, 0)
     truth = duplicate_copies.true_pairs(served.copies)
     scores = duplicate_copies.pair_scores([[hit.id for hit in group] for group in found.groups], truth)
     print(f"\ntest copies at the default threshold {found.threshold}: {scores}")
@@ -100,7 +101,7 @@ def test_copies_of_real_photos_are_found_at_the_default_threshold(served):
     sizes = [len(group) for group in found.groups]
     assert sizes == sorted(sizes, reverse=True) and found.total_groups == len(found.groups) >= 180
     for group in found.groups:  # the most central image first; each result says where its file is
-        assert group[0].score == 1.0 and all(duplicates.DEFAULT_THRESHOLD - 0.2 < hit.score <= 1.0 for hit in group)
+        assert group[0].score == 1.0 and all(default - 0.2 < hit.score <= 1.0 for hit in group)
         assert all(Path(hit.path).is_file() and hit.label for hit in group)
     whole = next(group for group in found.groups if len(group) == 4)
     assert len({hit.label for hit in whole}) == 1 and len({Path(hit.id).stem.split("-")[0] for hit in whole}) == 1
@@ -124,7 +125,7 @@ def test_cli_prints_groups_as_a_table_and_as_json(served, capsys):
     assert cli.main(["--gateway", served.gateway, "duplicates", "--folder", "copies/", "--max-groups", "1"]) == 0
     table = capsys.readouterr().out
     lines = table.splitlines()
-    default = re.escape(f"{duplicates.DEFAULT_THRESHOLD:g}")
+    default = re.escape(f"{duplicates.default_threshold(TEST_BACKBONE):g}")
     assert re.fullmatch(rf"\d+ group\(s\) of near-duplicates among 600 images \(threshold {default}\)", lines[0])
     assert lines[2].startswith("group 1: ") and lines[4].split()[3].startswith("copies/")
     assert "smaller group(s) not shown" in lines[-1]
@@ -151,6 +152,22 @@ def test_an_artifact_without_features_is_failed_precondition(served, tmp_path, c
     message = capsys.readouterr().err
     assert message.startswith("semsearch: FAILED_PRECONDITION: ") and "make index" in message
     assert "keeps no backbone features" in message
+
+
+def test_the_default_threshold_is_the_one_chosen_for_the_artifact_s_backbone(served, tmp_path):
+    """The same features served as another backbone's (its name rewritten in a copy's manifest): the gateway
+    takes that backbone's default, which the index names in its answer."""
+    served_version = artifact.resolve(served.artifacts)
+    other = linked_copy(served_version, tmp_path / "other", leave_out=(artifact.MANIFEST,))
+    manifest = json.loads((served_version / artifact.MANIFEST).read_text())
+    manifest["backbone"]["name"] = "efficientnet-lite2"
+    (other / served_version.name / artifact.MANIFEST).write_text(json.dumps(manifest))
+    with index_server.run_server(0, str(other), names=["images"]) as (_, index_port), \
+            gateway_server.run_server(0, served.encoder, f"127.0.0.1:{index_port}") as (_, port):
+        wait_serving(f"127.0.0.1:{port}")
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            found = client.duplicates(max_groups=1)
+    assert found.threshold == duplicates.default_threshold("efficientnet-lite2") != duplicates.default_threshold(TEST_BACKBONE)
 
 
 def test_an_image_added_live_is_grouped_with_its_original(served, real_photos):

@@ -97,6 +97,14 @@ def test_thresholds_out_of_range_are_refused(threshold):
         duplicates.near_duplicate_groups(np.ones((2, 4), np.float16), threshold)
 
 
+def test_a_backbone_identity_finds_its_measured_default_and_others_take_lite0_s():
+    chosen = duplicates.DEFAULT_THRESHOLDS
+    assert duplicates.default_threshold("efficientnet-lite2:packaged:1280") == chosen["efficientnet-lite2"]
+    assert duplicates.default_threshold("efficientnet-lite0:/my/lite0.pth:1280") == chosen["efficientnet-lite0"]
+    assert duplicates.default_threshold("resnet50:/weights.pth:2048") == duplicates.default_threshold("") \
+        == chosen["efficientnet-lite0"]
+
+
 def test_too_many_pairs_is_refused_before_grouping(monkeypatch):
     monkeypatch.setattr(duplicates, "MAX_PAIRS", 100)
     features = unit_features(np.ones((20, 8)))  # 190 identical pairs

@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "slightly cropped copies), largest first")
     duplicates.add_argument("--threshold", type=float,
                             help="cosine similarity of backbone features at which two images are near-duplicates, "
-                                 f"{duplicates_core.MIN_THRESHOLD} to 1 (default: the gateway's, "
-                                 f"{duplicates_core.DEFAULT_THRESHOLD}, chosen on validation copies)")
+                                 f"{duplicates_core.MIN_THRESHOLD} to 1 (default: the gateway's for the artifact's "
+                                 "backbone, chosen on validation copies: "
+                                 + ", ".join(f"{name} {value}" for name, value in duplicates_core.DEFAULT_THRESHOLDS.items())
+                                 + f", {duplicates_core.DEFAULT_THRESHOLD} for others)")
     duplicates.add_argument("--folder", default="", help="only images whose id is under this folder (2024/)")
     duplicates.add_argument("--max-groups", type=int, default=0, help="show at most this many groups (default: all)")
     duplicates.add_argument("--json", action="store_true", help="print JSON")

@@ -97,6 +97,7 @@ class ImageFeatures:
     features: np.ndarray  # float16 unit rows, in the order of `items`
     without_features: int  # images left out: added live without features
     version: str
+    backbone: str = ""  # the backbone that made them (artifact.Backbone.identity)
 
 
 class Downstream:
@@ -206,18 +207,19 @@ class Downstream:
         """Every indexed image's backbone features (under `folder`), all from one artifact version: the first
         image process answers for `version` ("" for its current one), the others for the version it gave."""
         processes = [(self._shard_name(n), stub) for n, stub in enumerate(self.shards)] or [("the index service", self.index)]
-        items, blocks, without = [], [], 0
+        items, blocks, without, backbone = [], [], 0, ""
         for name, stub in processes:
             request = index_pb2.ImageFeaturesRequest(artifact_version=version, folder=folder)
             try:
                 for chunk in stub.ImageFeatures(request, timeout=self.deadline(context)):
                     version, without = chunk.artifact_version, without + chunk.without_features
+                    backbone = backbone or chunk.backbone
                     items.extend(chunk.items)
                     blocks.append(np.frombuffer(chunk.features, dtype="<f2").reshape(-1, max(chunk.dimension, 1)))
             except grpc.RpcError as error:
                 self._fail(error, name, context)
         features = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float16)
-        return ImageFeatures(items, features, without, version)
+        return ImageFeatures(items, features, without, version, backbone)
 
     def image_stubs(self, ids: list[str]) -> list[tuple[str, object, list[int]]]:
         """(name, stub, positions in `ids`) of each image-index process that owns some of `ids`."""

@@ -274,8 +274,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def FindDuplicates(self, request, context):
         # float32 on the wire: 0.84 arrives as 0.8399999737; six decimals give back what the caller wrote
-        threshold = round(request.threshold, 6) if request.HasField("threshold") else duplicates.DEFAULT_THRESHOLD
-        problem = duplicates.threshold_problem(threshold)
+        threshold = round(request.threshold, 6) if request.HasField("threshold") else None
+        problem = duplicates.threshold_problem(threshold) if threshold is not None else None
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.max_groups < 0:
@@ -285,8 +285,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             found = self._on_one_version(lambda version: self.downstream.image_features(version, request.folder, context),
                                          context)
+            if threshold is None:
+                threshold = duplicates.default_threshold(found.backbone)
             try:
-                groups = duplicates.near_duplicate_groups(found.features, threshold)
+                groups = duplicates.near_duplicate_groups(duplicates.root_features(found.features), threshold)
             except duplicates.TooManyPairs as error:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         finally:

@@ -201,7 +201,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                           f"artifact version {indexes.version} keeps no backbone features (it was built before "
                           "near-duplicate search); rebuild it with `make index INDEX_DATA=<folder>` or `make batch-train`")
         yield index_pb2.ImageFeaturesChunk(dimension=images.feature_dimension, artifact_version=indexes.version,
-                                           without_features=images.without_features(folder))
+                                           without_features=images.without_features(folder), backbone=images.backbone)
         for items, features in chunks:
             yield index_pb2.ImageFeaturesChunk(
                 items=[index_pb2.Item(id=i.id, path=i.path, label=i.label) for i in items],
