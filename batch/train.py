@@ -47,7 +47,7 @@ class Options:
     artifacts: Path
     cache: Path
     word_vectors: str = word_vectors.PACKAGED
-    backbone: str = "efficientnet-lite0"
+    backbone: str = backbones.DEFAULT
     backbone_weights: str | None = None
     head: HeadConfig = HeadConfig()
     val_fraction: float = 0.1
@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--cache", default=env("CACHE", ".cache"), help="feature and model cache (default: .cache)")
     parser.add_argument("--word-vectors", default=env("WORDS", word_vectors.PACKAGED),
                         help="glove-6b-50d (packaged), a GloVe .txt file, or a .npy with a .words.txt beside it")
-    parser.add_argument("--backbone", default=env("BACKBONE", "efficientnet-lite0"), choices=sorted(backbones.BACKBONES))
+    parser.add_argument("--backbone", default=env("BACKBONE", backbones.DEFAULT), choices=sorted(backbones.BACKBONES))
     parser.add_argument("--backbone-weights", default=env("BACKBONE_WEIGHTS") or None,
                         help="a torchvision state_dict file for vgg16/resnet50, or an EfficientNet-Lite .pth")
     parser.add_argument("--epochs", type=int, default=int(env("EPOCHS", HeadConfig.epochs)))

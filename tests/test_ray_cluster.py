@@ -11,11 +11,11 @@ import batch.train
 from batch.train_head import HeadConfig
 from services.common import artifact
 from services.common.items import read_items
-from tests.conftest import REPO, train_options
+from tests.conftest import REPO, TEST_BACKBONE, train_options
 
 pytestmark = pytest.mark.slow  # a two-node Ray cluster and two batch-train runs: minutes
 
-FLAGS = ["--limit-per-label", "20", "--epochs", "3", "--no-quality"]
+FLAGS = ["--limit-per-label", "20", "--epochs", "3", "--no-quality", "--backbone", TEST_BACKBONE]
 
 
 def run_job(command, tmp_path, name):

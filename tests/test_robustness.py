@@ -25,7 +25,7 @@ from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2
 from services.common import artifact
 from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
-from tests.conftest import REPO, TRAIN_PER_LABEL, wait_serving
+from tests.conftest import REPO, TEST_BACKBONE, TRAIN_PER_LABEL, wait_serving
 from tests.helpers import status_of
 
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -162,10 +162,11 @@ def test_a_killed_batch_job_resumes_from_its_cache(artifact_root, cifar, tmp_pat
     """SIGKILL during extraction; the rerun extracts only the rest and publishes the same artifact."""
     cache, out = tmp_path / "cache", tmp_path / "artifacts"
     command = [sys.executable, "-m", "batch.train", "--data", str(cifar / "train"), "--artifacts", str(out),
-               "--cache", str(cache), "--limit-per-label", str(TRAIN_PER_LABEL), "--epochs", "15", "--no-quality"]
+               "--cache", str(cache), "--limit-per-label", str(TRAIN_PER_LABEL), "--epochs", "15", "--no-quality",
+               "--backbone", TEST_BACKBONE]
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
-    parts = cache / "features" / "efficientnet-lite0"
+    parts = cache / "features" / TEST_BACKBONE
     deadline = time.monotonic() + 300
     while len(list(parts.glob("part-*.npz"))) < 3:
         assert job.poll() is None and time.monotonic() < deadline, "extraction did not start"
