@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     duplicates = commands.add_parser("duplicates", help="groups of near-identical images (resized, recompressed or "
                                                          "slightly cropped copies), largest first")
     duplicates.add_argument("--threshold", type=float,
-                            help="cosine similarity of backbone features at which two images are near-duplicates, "
+                            help="cosine similarity of (square-rooted) backbone features that makes two images near-duplicates, "
                                  f"{duplicates_core.MIN_THRESHOLD} to 1 (default: the gateway's for the artifact's "
                                  "backbone, chosen on validation copies: "
                                  + ", ".join(f"{name} {value}" for name, value in duplicates_core.DEFAULT_THRESHOLDS.items())

@@ -1,4 +1,5 @@
-"""Near-duplicate groups: images whose backbone features have cosine similarity >= a threshold.
+"""Near-duplicate groups: images whose backbone features (their square roots, root_features) have cosine
+similarity >= a threshold.
 
 Candidates are exact: every pair is compared, in blocks of matrix products (float16 features, float32
 products), so the cost is n^2/2 dot products of the feature dimension (1,280 for EfficientNet-Lite)

@@ -273,7 +273,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             next_after_id=items[-1].id if len(items) == limit else "")
 
     def FindDuplicates(self, request, context):
-        # float32 on the wire: 0.84 arrives as 0.8399999737; six decimals give back what the caller wrote
+        # float32 on the wire: 0.87 arrives as 0.8700000048; six decimals give back what the caller wrote
         threshold = round(request.threshold, 6) if request.HasField("threshold") else None
         problem = duplicates.threshold_problem(threshold) if threshold is not None else None
         if problem:
