@@ -39,7 +39,7 @@ EVAL_DATA ?= $(if $(wildcard $(SHARED_DATA)/test),$(SHARED_DATA)/test,)
 
 export ARTIFACTS CACHE
 
-.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-index bench-duplicates bench-tracing bench-models words-100d test clean
+.PHONY: setup protos wordnet browser lint batch-train index watch serve stop demo eval capacity bench bench-filters bench-index bench-duplicates bench-scann bench-tracing bench-models words-100d test clean
 
 setup: $(VENV)/.installed protos wordnet
 
@@ -175,6 +175,11 @@ bench-tracing: setup $(ARTIFACTS)/current
 HALF ?= validation
 bench-duplicates: setup $(ARTIFACTS)/current
 	$(PY) -m bench.duplicates --half $(HALF) --artifacts $(ARTIFACTS) --cache $(CACHE) --json $(CACHE)/duplicates-$(HALF).json
+
+# ScaNN build and search settings against FAISS HNSW at recall@10 >= 0.95 on GloVe 400k (DIMENSION=300: mapped)
+bench-scann: setup
+	$(VENV)/bin/pip install -q -e '.[batch,test,bench]'
+	$(PY) -m bench.scann_tuning $(if $(DIMENSION),--dimension $(DIMENSION))
 
 # Accuracy against cost per backbone and word-vector set: 4 configurations x 3 head seeds, real batch jobs + eval
 # (about 30 minutes on 2 cores). The findings live in bench/models.md, which bench.report appends to BENCHMARKS.md.
