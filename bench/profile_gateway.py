@@ -1,9 +1,10 @@
 """Where the gateway's time goes under load: py-spy samples the gateway process while 8 clients search.
 
-    pip install py-spy && python -m bench.profile_gateway [--artifacts artifacts] [--seconds 12]
+    python -m bench.profile_gateway [--artifacts artifacts] [--seconds 12]
 
-Prints the share of samples whose innermost frame is in each function, largest first, and the share that
-is inside this repository's code at all (any frame under services/).
+Needs py-spy (the bench extra: pip install -e ".[bench]"). Prints the share of samples whose innermost frame
+is in each function, largest first, and the share that is inside this repository's code at all (any frame
+under services/).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     beside = Path(sys.executable).with_name("py-spy")
     spy = str(beside) if beside.exists() else shutil.which("py-spy")
     if spy is None:
-        raise SystemExit("py-spy is not installed: pip install py-spy")
+        raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
     with tempfile.TemporaryDirectory() as folder, running_services(args.artifacts) as (addresses, processes):
         raw = Path(folder) / "gateway.txt"
         load("gateway", addresses["gateway"], 3, 8, 4)  # warm the channels and the text cache
