@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,15 +93,22 @@ class Addresses:
     index: str
 
 
-@pytest.fixture(scope="session")
-def services(artifact_root) -> Addresses:
-    """The three real services on loopback ports picked by the OS."""
-    with index_server.run_server(0, str(artifact_root)) as (_, index_port), \
-            encoder_server.run_server(0, str(artifact_root)) as (_, encoder_port), \
+@contextmanager
+def serving(artifacts: Path) -> Iterator[Addresses]:
+    """Index, encoder and gateway over `artifacts` on loopback ports picked by the OS, each SERVING."""
+    with index_server.run_server(0, str(artifacts)) as (_, index_port), \
+            encoder_server.run_server(0, str(artifacts)) as (_, encoder_port), \
             gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port):
         addresses = Addresses(f"127.0.0.1:{port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}")
         for address in (addresses.index, addresses.encoder, addresses.gateway):
             wait_serving(address)
+        yield addresses
+
+
+@pytest.fixture(scope="session")
+def services(artifact_root) -> Addresses:
+    """The three real services on loopback ports picked by the OS."""
+    with serving(artifact_root) as addresses:
         yield addresses
 
 

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,35 +18,21 @@ import pytest
 
 from batch.images import list_images
 from services.common.wait_ready import wait_serving
-from services.encoder import server as encoder_server
 from services.gateway import server as gateway_server
 from services.gateway.client import Client
 from services.gateway.watch import FolderWatcher
-from services.index import server as index_server
-from tests.conftest import REPO
+from tests.conftest import REPO, Addresses, serving
 
 DEADLINE = 60.0  # seconds: an upper bound on a loaded 2-core machine, never a pause; the target is 5 s
 
 
-@dataclass(frozen=True)
-class Backends:
-    index: str
-    encoder: str
-    gateway: str
-
-
 @pytest.fixture(scope="module")
-def backends(artifact_root, tmp_path_factory) -> Backends:
+def backends(artifact_root, tmp_path_factory) -> Addresses:
     """A gateway over index and encoder services of a private copy of the session artifact (live adds write to it)."""
     root = tmp_path_factory.mktemp("watch") / "artifacts"
     shutil.copytree(artifact_root, root, symlinks=True)
-    with index_server.run_server(0, str(root)) as (_, index_port), \
-            encoder_server.run_server(0, str(root)) as (_, encoder_port), \
-            gateway_server.run_server(0, f"127.0.0.1:{encoder_port}", f"127.0.0.1:{index_port}") as (_, port):
-        running = Backends(f"127.0.0.1:{index_port}", f"127.0.0.1:{encoder_port}", f"127.0.0.1:{port}")
-        for address in (running.index, running.encoder, running.gateway):
-            wait_serving(address)
-        yield running
+    with serving(root) as addresses:
+        yield addresses
 
 
 @pytest.fixture(scope="module")

@@ -100,12 +100,10 @@ def _ids_to_add(images, context) -> list[str]:
 
 def _duplicate_groups(found: ImageFeatures, groups: list[duplicates.Group], threshold: float,
                       max_groups: int) -> gateway_pb2.DuplicateGroups:
-    def result(row: int, score: float) -> gateway_pb2.ImageResult:
-        return _image_result(found.items[row], score)
-
     shown = groups[:max_groups] if max_groups else groups
     return gateway_pb2.DuplicateGroups(
-        groups=[gateway_pb2.DuplicateGroup(images=[result(r, s) for r, s in zip(g.rows, g.scores)]) for g in shown],
+        groups=[gateway_pb2.DuplicateGroup(images=[_image_result(found.items[r], s) for r, s in zip(g.rows, g.scores)])
+                for g in shown],
         threshold=threshold, images=len(found.items), without_features=found.without_features,
         total_groups=len(groups))
 
