@@ -202,6 +202,8 @@ def check_and_list(options: Options) -> Inputs:
     """The options' checks and the image lists; ValueError for an unusable option or folder."""
     if options.shards < 1:
         raise ValueError(f"--shards must be at least 1; got {options.shards}")
+    if options.head.patience < 0:
+        raise ValueError(f"--patience must be 0 (off) or more; got {options.head.patience}")
     backbones.spec(options.backbone)
     train_records = limit(labelled(list_images(options.data)), options.limit_per_label)
     if not train_records:
@@ -336,7 +338,7 @@ def write_report(staging: Path, inputs: Inputs, extracted: Extracted, training: 
                    "from_cache": extracted.requested - extraction.extracted - len(extraction.unreadable),
                    "extracted_by_node": extraction.by_node, "live_updates": inputs.live_changes},
         "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": training.tag_hit1,
-                       "best_epoch": trained.best_epoch},
+                       "best_epoch": trained.best_epoch, "epochs_trained": trained.epochs_trained},
         "quality": chosen.report,
         "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
                     "quality": round(chosen.seconds, 1),
@@ -407,6 +409,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--backbone-weights", default=env("BACKBONE_WEIGHTS") or None,
                         help="a torchvision state_dict file for vgg16/resnet50, or an EfficientNet-Lite .pth")
     parser.add_argument("--epochs", type=int, default=int(env("EPOCHS", HeadConfig.epochs)))
+    parser.add_argument("--patience", type=int, default=HeadConfig.patience,
+                        help="stop a head's training after this many epochs without a better validation hit@1 "
+                             f"(0: train every epoch; default {HeadConfig.patience})")
     parser.add_argument("--loss", choices=["cosine-softmax", "cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--limit-per-label", type=int, default=0, help="use at most N images per label (quick runs)")
@@ -434,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         index_data=Path(args.index_data) if args.index_data else None,
         artifacts=Path(args.artifacts), cache=Path(args.cache),
         word_vectors=args.word_vectors, backbone=args.backbone, backbone_weights=args.backbone_weights,
-        head=HeadConfig(epochs=args.epochs, loss=args.loss, seed=args.seed),
+        head=HeadConfig(epochs=args.epochs, patience=args.patience, loss=args.loss, seed=args.seed),
         val_fraction=args.val_fraction, limit_per_label=args.limit_per_label,
         actors=args.actors, threads_per_actor=args.threads_per_actor, shards=args.shards,
         quality=not args.no_quality,

@@ -1,0 +1,25 @@
+"""The head's training loop on Ray Train: patience stops a head whose validation hit@1 stopped improving.
+
+Plumbing of the stopping rule: the features are two synthetic, well separated clusters (validation hit@1
+is 1.0 from the first epoch on), so the rule, not the data, decides how many epochs run."""
+
+import numpy as np
+
+from batch.train_head import HeadConfig, HeadJob, split, train_heads
+
+
+def test_patience_stops_a_head_that_no_longer_improves(ray_runtime, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 60)
+    features = (rng.normal(size=(120, 16)) + 6.0 * labels[:, None]).astype(np.float32)
+    label_vectors = np.eye(2, 4, dtype=np.float32)
+    train_rows, val_rows = split(labels, 0.25, seed=0)
+    jobs = [HeadJob(labels, label_vectors, train_rows, val_rows, HeadConfig(epochs=8, patience=patience, batch_size=32),
+                    name=f"patience {patience}") for patience in (2, 0)]
+    stopped, every_epoch = train_heads(features, jobs, tmp_path)
+    assert stopped.val_hit1 == every_epoch.val_hit1 == 1.0
+    assert stopped.best_epoch == every_epoch.best_epoch
+    assert stopped.epochs_trained == stopped.best_epoch + 2 < 8
+    assert every_epoch.epochs_trained == 8
+    predicted = (stopped.head(features[val_rows]) @ label_vectors.T).argmax(axis=1)
+    assert (predicted == labels[val_rows]).all()
