@@ -218,3 +218,22 @@ def test_default_mode_finds_real_photos_by_words_it_never_trained_on(encoder, re
     # The text path is the one the figures used: the encoder expands a query word as chosen on validation.
     vector, _ = encoder.encode_text("dog")
     np.testing.assert_allclose(vector, encoder.modes.expand("dog", encoder.word_vectors[encoder.rows["dog"]]), atol=1e-6)
+
+
+def test_tag_hits_rank_true_words_among_the_whole_vocabulary():
+    """Exact tag hit@k on the real GloVe vocabulary: noisy copies of word vectors, checked against a full
+    sort; the cheaper hit@1-alone path agrees, and a label that is no word is never a hit."""
+    from batch import word_vectors
+
+    words = word_vectors.load("glove-6b-50d")
+    rows = words.index()
+    truth = ["cat", "dog", "ship", "truck", "frog", "deer"] * 5 + ["no-such-word"]
+    rng = np.random.default_rng(0)
+    vectors = np.stack([words.vectors[rows.get(w, 0)] for w in truth]) + rng.normal(0, 0.12, (len(truth), words.dimension))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    nearest = np.argsort(-(vectors @ words.vectors.T), axis=1)[:, :10]
+    expected = {k: np.mean([w in rows and rows[w] in top[:k] for w, top in zip(truth, nearest)]) for k in (1, 5, 10)}
+    assert 0 < expected[1] < expected[10] < 1  # the noise makes some misses, so the figures can be wrong
+    assert quality.tag_hits(vectors, truth, rows, words.vectors) == pytest.approx(
+        {f"tag_hit{k}": v for k, v in expected.items()})
+    assert quality.tag_hits(vectors, truth, rows, words.vectors, (1,)) == pytest.approx({"tag_hit1": expected[1]})
