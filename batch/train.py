@@ -245,17 +245,25 @@ def extract_features(options: Options, inputs: Inputs, onnx_path: Path) -> Extra
     return Extracted(extraction, len(all_records), train_ok, index_ok, features, label_ids, open_records)
 
 
+def head_jobs(options: Options, labels: list[str], extracted: Extracted, space: Space
+              ) -> tuple[list[HeadJob], list[str] | None]:
+    """The head's job on the training split; with the quality extras (three labels or more, a validation
+    split), the softmax baseline's and the zero-shot head's too, and the labels that one leaves out."""
+    train_rows, val_rows = split(extracted.label_ids, options.val_fraction, options.head.seed)
+    jobs = [HeadJob(extracted.label_ids, space.targets, train_rows, val_rows, options.head)]
+    if not (options.quality and len(labels) >= 3 and len(val_rows)):
+        return jobs, None
+    held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
+    return jobs + quality.extra_jobs(extracted.label_ids, labels, space.targets, train_rows, val_rows, options.head,
+                                     held), held
+
+
 def fit_head(options: Options, labels: list[str], extracted: Extracted, space: Space) -> Training:
     """The head (Ray Train) on the training split, and its tag hit@1 on the validation split; with the
     quality extras (three labels or more, a validation split), the softmax baseline and the zero-shot
     head too, in the same Ray Train run."""
-    train_rows, val_rows = split(extracted.label_ids, options.val_fraction, options.head.seed)
-    jobs = [HeadJob(extracted.label_ids, space.targets, train_rows, val_rows, options.head)]
-    held = None
-    if options.quality and len(labels) >= 3 and len(val_rows):
-        held = quality.held_out_labels(labels, list(options.held_out or []), options.head.seed)
-        jobs += quality.extra_jobs(extracted.label_ids, labels, space.targets, train_rows, val_rows, options.head,
-                                   held)
+    jobs, held = head_jobs(options, labels, extracted, space)
+    train_rows, val_rows = jobs[0].train_rows, jobs[0].val_rows
     trained, *extra_heads = train_heads(extracted.features, jobs, options.cache / "ray-train")
     extras = quality.Extras(extra_heads[0].head, extra_heads[1].head, held) if held is not None else None
     val_tag = tag_hit_at_1(trained.head(extracted.features[val_rows]), [extracted.train[i].label for i in val_rows],
@@ -338,7 +346,8 @@ def write_report(staging: Path, inputs: Inputs, extracted: Extracted, training: 
                    "from_cache": extracted.requested - extraction.extracted - len(extraction.unreadable),
                    "extracted_by_node": extraction.by_node, "live_updates": inputs.live_changes},
         "validation": {"label_hit1": trained.val_hit1, "tag_hit1_whole_vocabulary": training.tag_hit1,
-                       "best_epoch": trained.best_epoch, "epochs_trained": trained.epochs_trained},
+                       "best_epoch": trained.best_epoch, "epochs_trained": len(trained.history),
+                       "history": trained.history},
         "quality": chosen.report,
         "seconds": {"extract": round(extraction.seconds, 1), "train_head": round(trained.seconds, 1),
                     "quality": round(chosen.seconds, 1),

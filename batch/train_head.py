@@ -30,7 +30,8 @@ HEALTH_CHECK_SECONDS = "0.2"
 class HeadConfig:
     epochs: int = 25
     # stop once validation hit@1 has not improved for this many epochs (0: never); the best epoch's weights
-    # are kept either way. 6 was chosen on the validation curves of 19 earlier runs (BENCHMARKS.md).
+    # are kept either way. 6 was chosen on validation curves: the smallest that changed no head's best epoch
+    # (python -m bench.patience, BENCHMARKS.md).
     patience: int = 6
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -172,7 +173,7 @@ class TrainedHead:
     val_hit1: float
     best_epoch: int
     seconds: float
-    epochs_trained: int  # fewer than the configured epochs when patience stopped it
+    history: list[float]  # validation hit@1 after each epoch trained (fewer than configured when patience stopped it)
 
 
 def split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,4 +237,5 @@ def _trained(job: HeadJob, metrics: dict, state: Path, input_dimension: int, sec
     log.info("%s trained: best validation hit@1 %.3f at epoch %d%s", job.name, metrics["best_val_hit1"],
              metrics["best_epoch"], f" (stopped after {stopped}: no better for {job.config.patience})"
              if stopped < job.config.epochs else "")
-    return TrainedHead(fold(module), float(metrics["best_val_hit1"]), int(metrics["best_epoch"]), seconds, stopped)
+    return TrainedHead(fold(module), float(metrics["best_val_hit1"]), int(metrics["best_epoch"]), seconds,
+                       [epoch["val_hit1"] for epoch in metrics["history"]])

@@ -19,7 +19,7 @@ def test_patience_stops_a_head_that_no_longer_improves(ray_runtime, tmp_path):
     stopped, every_epoch = train_heads(features, jobs, tmp_path)
     assert stopped.val_hit1 == every_epoch.val_hit1 == 1.0
     assert stopped.best_epoch == every_epoch.best_epoch
-    assert stopped.epochs_trained == stopped.best_epoch + 2 < 8
-    assert every_epoch.epochs_trained == 8
+    assert len(stopped.history) == stopped.best_epoch + 2 < 8
+    assert len(every_epoch.history) == 8
     predicted = (stopped.head(features[val_rows]) @ label_vectors.T).argmax(axis=1)
     assert (predicted == labels[val_rows]).all()
