@@ -15,6 +15,7 @@ WORDS ?=
 BACKBONE ?= efficientnet-lite2
 BACKBONE_WEIGHTS ?=
 EPOCHS ?=
+PATIENCE ?=
 LOSS ?=
 SHARDS ?=
 HOST ?= 127.0.0.1
@@ -79,7 +80,7 @@ $(CHROMIUM):
 batch-train: setup
 	$(PY) -m batch.train $(if $(DATA),--data $(DATA)) $(if $(INDEX_DATA),--index-data $(INDEX_DATA)) \
 		--artifacts $(ARTIFACTS) --cache $(CACHE) --backbone $(BACKBONE) $(if $(WORDS),--word-vectors $(WORDS)) \
-		$(if $(BACKBONE_WEIGHTS),--backbone-weights $(BACKBONE_WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(BACKBONE_WEIGHTS),--backbone-weights $(BACKBONE_WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PATIENCE),--patience $(PATIENCE)) \
 		$(if $(LOSS),--loss $(LOSS)) $(if $(SHARDS),--shards $(SHARDS)) $(if $(OPEN_DATA),--open-data $(OPEN_DATA))
 
 # Make INDEX_DATA searchable with the current artifact's model, no training: only new or changed files are
