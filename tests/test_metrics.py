@@ -308,3 +308,40 @@ def test_a_repeated_text_query_skips_the_encoder(fake_downstream):
                  grpc_code="OK") == 3
     assert value(samples, "semsearch_text_cache_lookups_total", result="hit") == 1
     assert value(samples, "semsearch_text_cache_lookups_total", result="miss") == 2
+
+
+def test_downstream_stub_times_blocking_failed_and_future_calls(fake_downstream):
+    """The gateway's stub for a hop (plumbing: the fake index) times every unary call by method and status,
+    futures (the shard fan-out's) when they finish; with metrics off the stub is left as it was."""
+    _, index = fake_downstream
+    telemetry = metrics.Telemetry("gateway", metrics_port=0)  # on (its HTTP endpoint is not started here)
+    histogram = telemetry.downstream
+    service = index_pb2.DESCRIPTOR.services_by_name["Index"]
+    with grpc.insecure_channel(index) as channel:
+        plain = index_pb2_grpc.IndexStub(channel)
+        assert metrics.Telemetry("gateway").downstream_stub(plain, service, "index") is plain
+        stub = telemetry.downstream_stub(index_pb2_grpc.IndexStub(channel), service, "index-shard-0")
+        search = index_pb2.IndexSearchRequest(index="images", k=1)
+        assert stub.Search(search, timeout=10).neighbors[0].id == "kitten"
+        assert stub.Search.future(search, timeout=10).result().neighbors[0].id == "kitten"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetVectors(index_pb2.GetVectorsRequest(index="images", ids=["x"]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the fake index has no GetVectors
+
+    def count(method: str, code: str) -> float:
+        return metrics_registry_value(histogram, hop="index-shard-0", grpc_method=method, grpc_code=code)
+
+    deadline = time.monotonic() + 30
+    while count("Search", "OK") < 2:  # the future's callback runs on gRPC's thread after result()
+        assert time.monotonic() < deadline, "the future's call was never timed"
+        time.sleep(0.01)
+    assert count("GetVectors", "UNIMPLEMENTED") == 1
+
+
+def metrics_registry_value(histogram, **labels) -> float:
+    """A histogram child's observation count (0 before its first)."""
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_count") and sample.labels == labels:
+                return sample.value
+    return 0

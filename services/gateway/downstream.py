@@ -21,6 +21,9 @@ from services.common.shards import merge, shard_of
 
 log = logging.getLogger(__name__)
 
+_ENCODER = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
+_INDEX = index_pb2.DESCRIPTOR.services_by_name["Index"]
+
 HEALTH_TIMEOUT = 1.0
 # Client errors pass through unchanged; a downstream that is down or slow is UNAVAILABLE.
 _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -112,9 +115,9 @@ class Downstream:
         self.channels = {name: channel(address, tls) for name, address in self.addresses.items()}
         self.shard_channels = [channel(address, tls) for address in self.shard_addresses]
         # the stubs' calls are timed and traced per hop (the health checks below are not)
-        self.encoder = encoder_pb2_grpc.EncoderStub(_observed(self.channels["encoder"], telemetry, "encoder"))
-        self.index = index_pb2_grpc.IndexStub(_observed(self.channels["index"], telemetry, "index"))
-        self.shards = [index_pb2_grpc.IndexStub(_observed(ch, telemetry, f"index-shard-{number}"))
+        self.encoder = _observed(encoder_pb2_grpc.EncoderStub, _ENCODER, self.channels["encoder"], telemetry, "encoder")
+        self.index = _observed(index_pb2_grpc.IndexStub, _INDEX, self.channels["index"], telemetry, "index")
+        self.shards = [_observed(index_pb2_grpc.IndexStub, _INDEX, ch, telemetry, f"index-shard-{number}")
                        for number, ch in enumerate(self.shard_channels)]
 
     def deadline(self, context: grpc.ServicerContext) -> float:
@@ -255,10 +258,13 @@ class Downstream:
             ch.close()
 
 
-def _observed(ch: grpc.Channel, telemetry: Telemetry | None, hop: str) -> grpc.Channel:
-    """`ch` with the telemetry's interceptors for `hop` (a span, a timer), if any are on."""
-    interceptors = telemetry.channel_interceptors(hop) if telemetry is not None else []
-    return grpc.intercept_channel(ch, *interceptors) if interceptors else ch
+def _observed(make_stub, service, ch: grpc.Channel, telemetry: Telemetry | None, hop: str):
+    """A stub of `service` on `ch` for `hop`: each call a span (when tracing) and timed (when metrics are on)."""
+    if telemetry is None:
+        return make_stub(ch)
+    interceptors = telemetry.channel_interceptors(hop)
+    return telemetry.downstream_stub(make_stub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch),
+                                     service, hop)
 
 
 def abort_for(error: grpc.RpcError, downstream: str, context: grpc.ServicerContext):
