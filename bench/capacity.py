@@ -94,11 +94,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_services(artifacts: str, flags: Sequence[str] = (),
-                     env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+def running_services(artifacts: str, flags: Sequence[str] = (), env: dict[str, str] | None = None,
+                     metrics: bool = False) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
     """Index, encoder and gateway as separate processes on free loopback ports, until SERVING.
 
-    `flags` are given to each of them (e.g. `--traces otlp`), `env` is their environment (default: ours).
+    `flags` are given to each of them (e.g. `--traces otlp`), `env` is their environment (default: ours);
+    with `metrics`, each serves its metrics on a free port of its own.
     Yields ({"index": address, "encoder": ..., "gateway": ...}, the processes in that order).
     """
     from services.common.wait_ready import wait_serving
@@ -111,8 +112,10 @@ def running_services(artifacts: str, flags: Sequence[str] = (),
         ["services.gateway.server", "--port", port["gateway"], "--encoder", addresses["encoder"],
          "--index", addresses["index"]],
     ]
-    processes = [subprocess.Popen([sys.executable, "-m", *command, *flags], cwd=REPO, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for command in commands]
+    own = [["--metrics-port", str(_free_port())] if metrics else [] for _ in commands]
+    processes = [subprocess.Popen([sys.executable, "-m", *command, *flags, *extra], cwd=REPO, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for command, extra in zip(commands, own)]
     try:
         for address in addresses.values():
             wait_serving(address)

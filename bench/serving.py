@@ -60,6 +60,7 @@ def _worker(kind: str, address: str, seconds: float, threads: int, payload: byte
     from semsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
     from services.gateway.client import Client
 
+    cpu_started = time.process_time()
     latencies, errors = [], [0]
     client = Client(address, timeout=10)
     channel = grpc.insecure_channel(address)
@@ -96,7 +97,7 @@ def _worker(kind: str, address: str, seconds: float, threads: int, payload: byte
         worker.start()
     for worker in workers:
         worker.join()
-    queue.put((latencies, errors[0]))
+    queue.put((latencies, errors[0], time.process_time() - cpu_started))
 
 
 def load(kind: str, address: str, seconds: float, clients: int, processes: int, payload: bytes = b"") -> dict:
@@ -112,7 +113,9 @@ def load(kind: str, address: str, seconds: float, clients: int, processes: int, 
     latencies = np.sort(np.concatenate([np.asarray(r[0]) for r in results]))
     return {"clients": clients, "seconds": seconds, "qps": round(len(latencies) / seconds),
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
-            "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2), "errors": sum(r[1] for r in results)}
+            "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2), "errors": sum(r[1] for r in results),
+            # the load generator's own CPU (its processes share the cores with the servers)
+            "load_cpu_ms_per_query": round(sum(r[2] for r in results) / max(1, len(latencies)) * 1000, 3)}
 
 
 def _cpu_seconds(processes) -> list[float]:
@@ -176,9 +179,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the gateway's cost against the index's, under load")
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the searches (default 16)")
     parser.add_argument("--photo", default=str(REPO.parent / "shared/data/cifar10/test/ship/0000.jpg"))
     args = parser.parse_args()
-    print(json.dumps(bench(args.artifacts, Path(args.photo), args.seconds), indent=2))
+    print(json.dumps(bench(args.artifacts, Path(args.photo), args.seconds, args.clients), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""What traces cost: the same text searches through three stacks of the three services running side
-by side: traces off (the default: no tracing interceptor at all), every search traced, and one search
-in ten traced (OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG 0.1), the two traced ones exporting
-over OTLP to a collector. Rounds rotate the order (off-all-tenth, all-tenth-off, ...) so that a machine
+"""What metrics and traces cost: the same text searches through four stacks of the three services running
+side by side: all telemetry off (the default: no metrics or tracing interceptor at all), Prometheus
+metrics on (each service on a metrics port of its own), every search traced, and one search in ten traced
+(OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG 0.1), the two traced ones exporting over OTLP to a
+collector. Rounds rotate the order (off-metrics-all-tenth, metrics-all-tenth-off, ...) so that a machine
 whose load drifts weighs on all alike. Each collector is a sink in this process that counts the spans
-it gets. Figures: throughput and p50 from 16 clients, and the servers' CPU time per search.
+it gets. Figures: throughput and p50 from 16 clients, and the servers' CPU time per search, all three
+together and the gateway's alone.
 
     python -m bench.tracing --artifacts artifacts [--seconds 10] [--rounds 3] [--json FILE]
 """
@@ -73,13 +75,16 @@ def _run(stack, seconds: float, clients: int) -> dict:
     before = _cpu_seconds(servers)
     result = load("gateway", addresses["gateway"], seconds, clients, 4)
     spent = [after - start for after, start in zip(_cpu_seconds(servers), before)]
-    result["server_cpu_ms_per_query"] = round(sum(spent) / max(1, result["qps"] * seconds) * 1000, 3)
+    searches = max(1, result["qps"] * seconds)
+    result["server_cpu_ms_per_query"] = round(sum(spent) / searches * 1000, 3)
+    result["gateway_cpu_ms_per_query"] = round(spent[2] / searches * 1000, 3)  # index, encoder, gateway
     return result
 
 
-# what each stack runs with: traces off (the default), every search traced, one search in ten traced
+# what each stack runs with: telemetry off (the default), metrics on, every search traced, one in ten traced
 SETTINGS = {
     "off": ({}, ["--traces", "none"]),
+    "metrics": ({}, ["--traces", "none"]),
     "all": ({}, ["--traces", "otlp"]),
     "tenth": ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
               ["--traces", "otlp"]),
@@ -93,7 +98,7 @@ def bench(artifacts: str, seconds: float = 10.0, rounds: int = 3, clients: int =
         with ExitStack() as stacks:
             stack = {setting: stacks.enter_context(running_services(
                 artifacts, flags, {**os.environ, **env, **({"OTEL_EXPORTER_OTLP_ENDPOINT": sinks[setting].endpoint}
-                                                         if setting in sinks else {})}))
+                                                         if setting in sinks else {})}, metrics=setting == "metrics"))
                 for setting, (env, flags) in SETTINGS.items()}
             order = list(SETTINGS)
             for number in range(rounds):
@@ -115,8 +120,10 @@ def summary(runs: dict[str, list[dict]], spans: dict) -> dict:
         return statistics.median(run[key] for run in runs[setting])
 
     ratios = {f"{key}_ratio_{setting}_to_off": round(median(setting, key) / median("off", key), 3)
-              for setting in runs if setting != "off" for key in ("qps", "p50_ms", "server_cpu_ms_per_query")}
-    medians = {setting: {key: median(setting, key) for key in ("qps", "p50_ms", "p99_ms", "server_cpu_ms_per_query")}
+              for setting in runs if setting != "off"
+              for key in ("qps", "p50_ms", "server_cpu_ms_per_query", "gateway_cpu_ms_per_query")}
+    medians = {setting: {key: median(setting, key) for key in ("qps", "p50_ms", "p99_ms", "server_cpu_ms_per_query",
+                                                               "gateway_cpu_ms_per_query")}
                for setting in runs}
     return {"runs": runs, "medians": medians, "spans": spans, **ratios}
 
