@@ -402,6 +402,18 @@ def default_data(cache: Path) -> Path:
     return ensure_cifar10(cache / "cifar10")
 
 
+def add_head_arguments(parser: argparse.ArgumentParser) -> None:
+    """--epochs, --patience, --loss (defaults: $EPOCHS, $LOSS, else HeadConfig's), --val-fraction, --seed."""
+    env = os.environ.get
+    parser.add_argument("--epochs", type=int, default=int(env("EPOCHS", HeadConfig.epochs)))
+    parser.add_argument("--patience", type=int, default=HeadConfig.patience,
+                        help="stop a head's training after this many epochs without a better validation hit@1 "
+                             f"(0: train every epoch; default {HeadConfig.patience})")
+    parser.add_argument("--loss", choices=["cosine-softmax", "cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv: list[str] | None = None) -> Options:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="batch-train", description=__doc__)
@@ -417,12 +429,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--backbone", default=env("BACKBONE", backbones.DEFAULT), choices=sorted(backbones.BACKBONES))
     parser.add_argument("--backbone-weights", default=env("BACKBONE_WEIGHTS") or None,
                         help="a torchvision state_dict file for vgg16/resnet50, or an EfficientNet-Lite .pth")
-    parser.add_argument("--epochs", type=int, default=int(env("EPOCHS", HeadConfig.epochs)))
-    parser.add_argument("--patience", type=int, default=HeadConfig.patience,
-                        help="stop a head's training after this many epochs without a better validation hit@1 "
-                             f"(0: train every epoch; default {HeadConfig.patience})")
-    parser.add_argument("--loss", choices=["cosine-softmax", "cosine", "hinge"], default=env("LOSS", HeadConfig.loss))
-    parser.add_argument("--val-fraction", type=float, default=0.1)
+    add_head_arguments(parser)
     parser.add_argument("--limit-per-label", type=int, default=0, help="use at most N images per label (quick runs)")
     parser.add_argument("--actors", type=int, default=0,
                         help="Ray Data extraction actors (default: the cluster's CPUs / --threads-per-actor)")
@@ -430,7 +437,6 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="ONNX Runtime threads per actor (default 1: measured fastest, see BENCHMARKS.md)")
     parser.add_argument("--shards", type=int, default=int(env("SHARDS", 1)),
                         help="write the image index as N shards, one per index process (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--open-data", default=env("OPEN_DATA") or open_vocab.default_folder(),
                         help="labelled real photos; the validation half of their categories (batch/open_vocab.py) "
                              "chooses the modes for words never trained on (default: ../shared/data/imagenet200 "

@@ -265,8 +265,8 @@ class RequestObserver(grpc.ServerInterceptor):
 class TimedMethod:
     """A stub's unary method whose calls, blocking or futures, are timed per hop, method and status code.
 
-    A plain wrapper, not a gRPC client interceptor: `grpc.intercept_channel` cost the gateway about a
-    tenth of its CPU per search (bench.tracing, metrics on, with and without it)."""
+    A plain wrapper, not a gRPC client interceptor: timing by `grpc.intercept_channel` cost the gateway 6%
+    of its CPU per search (bench.tracing; BENCHMARKS.md)."""
 
     def __init__(self, method, histogram: Histogram, hop: str, name: str):
         self.method = method
