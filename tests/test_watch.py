@@ -67,8 +67,14 @@ def seconds_until(check) -> float:
 
 
 def finds(client: Client, photo: bytes, item_id: str) -> bool:
-    """Whether a search with the photo itself finds `item_id` as (one of) the same image."""
-    return any(hit.id == item_id and hit.score > 0.999 for hit in client.similar(photo, k=5))
+    """Whether a search with the photo itself finds `item_id` as (one of) the same image; not yet while the
+    client's channel is still reconnecting to a restarted gateway (UNAVAILABLE)."""
+    try:
+        return any(hit.id == item_id and hit.score > 0.999 for hit in client.similar(photo, k=5))
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return False
+        raise
 
 
 def held(client: Client, folder: Path) -> dict[str, str | None]:
