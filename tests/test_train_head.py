@@ -4,10 +4,12 @@ Plumbing of the stopping rule: the features are two synthetic, well separated cl
 is 1.0 from the first epoch on), so the rule, not the data, decides how many epochs run."""
 
 import numpy as np
+import pytest
 
 from batch.train_head import HeadConfig, HeadJob, split, train_heads
 
 
+@pytest.mark.slow  # a Ray Train run of its own
 def test_patience_stops_a_head_that_no_longer_improves(ray_runtime, tmp_path):
     """Patience 2 stops 2 epochs after the best one and keeps it; patience 0, or no validation split, trains
     every epoch."""
