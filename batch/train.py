@@ -96,15 +96,6 @@ def backbone_onnx(options: Options) -> Path:
     return path
 
 
-def tag_hit_at_1(vectors: np.ndarray, true_words: list[str], words: word_vectors.WordVectors) -> float:
-    """Share of vectors whose nearest word of the whole vocabulary is the true one (exact search)."""
-    hits = 0
-    for start in range(0, len(vectors), 256):
-        nearest = np.argmax(vectors[start:start + 256] @ words.vectors.T, axis=1)
-        hits += sum(words.words[i] == w for i, w in zip(nearest, true_words[start:start + 256]))
-    return hits / max(1, len(vectors))
-
-
 def _class_vectors(enrichment: Enrichment, parts: ClassParts, rows: dict[str, int],
                    names: wordnet.WordNet) -> tuple[np.ndarray, QueryExpansion]:
     """ConSE's class vectors and the text queries' expansion that goes with them."""
@@ -266,8 +257,8 @@ def fit_head(options: Options, labels: list[str], extracted: Extracted, space: S
     train_rows, val_rows = jobs[0].train_rows, jobs[0].val_rows
     trained, *extra_heads = train_heads(extracted.features, jobs, options.cache / "ray-train")
     extras = quality.Extras(extra_heads[0].head, extra_heads[1].head, held) if held is not None else None
-    val_tag = tag_hit_at_1(trained.head(extracted.features[val_rows]), [extracted.train[i].label for i in val_rows],
-                           space.words) if len(val_rows) else 0.0
+    val_tag = quality.tag_hits(trained.head(extracted.features[val_rows]), [extracted.train[i].label for i in val_rows],
+                               space.vocabulary.rows, space.vocabulary.vectors, (1,))["tag_hit1"] if len(val_rows) else 0.0
     return Training(trained, train_rows, val_rows, val_tag, extras)
 
 

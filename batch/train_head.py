@@ -118,6 +118,11 @@ def _train_loop(config: dict) -> None:
         ray.train.report(metrics)
 
 
+def patience_ran_out(epoch: int, best_epoch: int, patience: int) -> bool:
+    """Whether training stops after `epoch` (1-based): `patience` epochs since the best one (0: never)."""
+    return patience > 0 and epoch - best_epoch >= patience
+
+
 def _train_one(job: dict, features: np.ndarray, rank: int, world: int) -> tuple[dict, dict]:
     """One head's epochs on this worker's share of its training rows: (best state, its metrics)."""
     import ray.train.torch
@@ -162,7 +167,7 @@ def _train_one(job: dict, features: np.ndarray, rank: int, world: int) -> tuple[
             best = (val_hit1, {k: v.clone() for k, v in module.state_dict().items()}, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / len(order), "val_hit1": val_hit1,
                         "seconds": time.perf_counter() - started})
-        if config["patience"] and len(val_y) and epoch + 1 - best[2] >= config["patience"]:
+        if len(val_y) and patience_ran_out(epoch + 1, best[2], config["patience"]):
             break
     return best[1], {"best_val_hit1": best[0], "best_epoch": best[2], "history": history}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from batch import train
-from batch.train_head import train_heads
+from batch.train_head import patience_ran_out, train_heads
 
 PATIENCES = (3, 4, 5, 6, 8, 10)
 
@@ -24,7 +24,7 @@ def replay(curve: list[float], patience: int) -> tuple[float, int]:
     for epoch, hit1 in enumerate(curve, start=1):
         if hit1 > best:
             best, best_epoch = hit1, epoch
-        if epoch - best_epoch >= patience:
+        if patience_ran_out(epoch, best_epoch, patience):
             return best, epoch
     return best, len(curve)
 
