@@ -1,11 +1,13 @@
 """The floor under the gateway's cost: what one gRPC hop costs in Python with no work in it.
 
     python -m bench.gateway_floor [--artifacts artifacts] [--seconds 6] [--rounds 2] [--clients 16]
+                                  [--search-calls 0,1,2]
 
 In one run, the same vector searches (16 clients in 4 load processes) go to the index directly, through a
 bare proxy that forwards Index.Search and does nothing else (sync gRPC as the gateway is, and grpc.aio),
-and text searches through the real gateway (its text-vector cache warm). Prints each one's searches/s,
-p50/p99 and the CPU milliseconds per search of the index and of the hop in front of it.
+and text searches through the real gateway (its text-vector cache warm), once for each `--search-calls`
+(searches under way downstream at once before the rest wait and go together; 0: each alone). Prints each
+one's searches/s, p50/p99 and the CPU milliseconds per search of the index and of the hop in front of it.
 """
 
 from __future__ import annotations
@@ -70,11 +72,20 @@ def _proxy(kind: str, target: str) -> tuple[str, subprocess.Popen]:
     return address, process
 
 
-def bench(artifacts: str, seconds: float, rounds: int, clients: int) -> dict:
+def _gateway(addresses: dict[str, str], search_calls: int) -> tuple[str, subprocess.Popen]:
+    address = f"127.0.0.1:{_free_port()}"
+    process = subprocess.Popen([sys.executable, "-m", "services.gateway.server", "--port", address.rsplit(":", 1)[1],
+                                "--encoder", addresses["encoder"], "--index", addresses["index"],
+                                "--search-calls", str(search_calls)], cwd=REPO, stderr=subprocess.DEVNULL)
+    wait_serving(address)
+    return address, process
+
+
+def bench(artifacts: str, seconds: float, rounds: int, clients: int, search_calls: list[int]) -> dict:
     results: dict[str, list] = {}
     with running_services(artifacts) as (addresses, servers):
         index, encoder = servers[0], addresses["encoder"].encode()
-        for _ in range(rounds):
+        for round_number in range(rounds):
             results.setdefault("index directly", []).append(
                 measured("index", addresses["index"], seconds, clients, [index], ("index",), encoder))
             for kind in PROXIES:
@@ -85,9 +96,15 @@ def bench(artifacts: str, seconds: float, rounds: int, clients: int) -> dict:
                 finally:
                     process.terminate()
                     process.wait(timeout=30)
-            results.setdefault("gateway (text cached)", []).append(
-                measured("gateway", addresses["gateway"], seconds, clients, [index, servers[2]], ("index", "hop"),
-                         encoder))
+            turn = round_number % len(search_calls)  # each setting first in turn
+            for calls in search_calls[turn:] + search_calls[:turn]:
+                address, process = _gateway(addresses, calls)
+                try:
+                    results.setdefault(f"gateway, search calls {calls}", []).append(
+                        measured("gateway", address, seconds, clients, [index, process], ("index", "hop"), encoder))
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
     return results
 
 
@@ -133,9 +150,10 @@ def summary(results: dict) -> list[str]:
     for name, runs in results.items():
         for run in runs:
             cpu = run["cpu_ms_per_query"]
-            lines.append(f"{name:22s} {run['qps']:5d}/s ({run['qps'] / direct:.2f}x direct)  p50 {run['p50_ms']:6.2f} ms"
+            lines.append(f"{name:26s} {run['qps']:5d}/s ({run['qps'] / direct:.2f}x direct)  p50 {run['p50_ms']:6.2f} ms"
                          f"  p99 {run['p99_ms']:6.2f} ms  CPU ms/search: index {cpu['index']:.3f}"
-                         + (f", hop {cpu['hop']:.3f}" if "hop" in cpu else "") + f"  errors {run['errors']}")
+                         + (f", hop {cpu['hop']:.3f}" if "hop" in cpu else "")
+                         + f", load {run['load_cpu_ms_per_query']:.3f}  errors {run['errors']}")
     return lines
 
 
@@ -145,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--search-calls", default="0,1,2",
+                        help="comma-separated gateway --search-calls settings to measure (default 0,1,2)")
     parser.add_argument("--serve-proxy", nargs=3, metavar=("KIND", "PORT", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_proxy:
@@ -154,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             asyncio.run(serve_aio_proxy(int(port), target))
         return
-    results = bench(args.artifacts, args.seconds, args.rounds, args.clients)
+    results = bench(args.artifacts, args.seconds, args.rounds, args.clients,
+                    [int(calls) for calls in args.search_calls.split(",")])
     print(json.dumps(results, indent=1))
     print("\n".join(summary(results)))
     print(f"gateway servicer alone, in-process: {servicer_microseconds():.0f} us per cached text search")

@@ -105,6 +105,15 @@ def test_three_shards_answer_exactly_as_one(services, sharded_gateway):
             assert whole.image(image_id) == sharded.image(image_id)
 
 
+def test_concurrent_searches_over_three_shards_answer_as_one(services, sharded_gateway):
+    """Searches at once, which the gateway may batch (one SearchMany per shard, merged per search)."""
+    queries = QUERIES * 6
+    with Client(services.gateway) as whole, Client(sharded_gateway[0]) as sharded, futures.ThreadPoolExecutor(12) as pool:
+        expected = {query: [h.id for h in whole.search(query, k=10)] for query in set(queries)}
+        answers = list(pool.map(lambda query: [h.id for h in sharded.search(query, k=10)], queries))
+    assert answers == [expected[query] for query in queries]
+
+
 def test_a_mixed_query_explained_over_three_shards_answers_as_one(services, sharded_gateway):
     """Image ids resolved on their shards, the results' vectors from each shard, the words from the word index."""
     query = "water + img:ship/0003.jpg - img:cat/0010.jpg + img:truck/0042.jpg"

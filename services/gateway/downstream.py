@@ -18,6 +18,7 @@ from services.common import security
 from services.common.metrics import Telemetry
 from services.common import server as common
 from services.common.shards import merge, shard_of
+from services.gateway.batching import DEFAULT_IN_FLIGHT, Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Downstream:
 
     def __init__(self, encoder_address: str, index_address: str, timeout: float,
                  image_shard_addresses: list[str] | None = None, tls: security.ClientTls | None = None,
-                 telemetry: Telemetry | None = None):
+                 telemetry: Telemetry | None = None, in_flight: int = DEFAULT_IN_FLIGHT):
         self.timeout = timeout
         self.addresses = {"encoder": encoder_address, "index": index_address}
         self.shard_addresses = list(image_shard_addresses or [])
@@ -119,6 +120,8 @@ class Downstream:
         self.index = _observed(index_pb2_grpc.IndexStub, _INDEX, self.channels["index"], telemetry, "index")
         self.shards = [_observed(index_pb2_grpc.IndexStub, _INDEX, ch, telemetry, f"index-shard-{number}")
                        for number, ch in enumerate(self.shard_channels)]
+        # unfiltered image searches that arrive together go in one SearchMany (services/gateway/batching.py)
+        self.plain_searches = Coalescer(self._search_many, in_flight) if in_flight else None
 
     def deadline(self, context: grpc.ServicerContext) -> float:
         """Our timeout, or what is left of the caller's deadline if that is sooner."""
@@ -147,9 +150,19 @@ class Downstream:
     def search_images(self, request: index_pb2.IndexSearchRequest, context) -> index_pb2.IndexSearchResponse:
         """Search the image index, fanning out to every shard (concurrently) when it is sharded.
 
+        Plain searches (`_plain`) that arrive while others are under way wait and go together in one
+        SearchMany call (services/gateway/batching.py); a search that finds no wait goes alone, as Search.
         A shard that fails fails the whole call with UNAVAILABLE naming it: a merged answer
         without that shard would silently miss images.
         """
+        if self.plain_searches is None or not _plain(request):
+            return self._search_alone(request, context)
+        try:
+            return self.plain_searches.submit((request.k, request.artifact_version), (request, context))
+        except grpc.RpcError as error:
+            self._fail(error, error.downstream, context)
+
+    def _search_alone(self, request: index_pb2.IndexSearchRequest, context) -> index_pb2.IndexSearchResponse:
         if not self.shards:
             return self.call("index", self.index.Search, request, context)
         timeout = self.deadline(context)
@@ -164,6 +177,34 @@ class Downstream:
                 self._fail(error, self._shard_name(number), context)
         best = merge([a.neighbors for a in answers], request.k, lambda neighbor: (neighbor.score, neighbor.id))
         return index_pb2.IndexSearchResponse(neighbors=best, artifact_version=answers[0].artifact_version)
+
+    def _search_many(self, key: tuple[int, str], searches: list[tuple[index_pb2.IndexSearchRequest, object]]
+                     ) -> list[index_pb2.IndexSearchResponse]:
+        """Plain image searches of one k and version: one alone is a Search (run in its caller's thread, which
+        sends its own batch: errors map to its status as usual); more go in one SearchMany per image process
+        (merged per search when sharded) with the longest of their deadlines, and an error raised names its
+        process in `.downstream`."""
+        if len(searches) == 1:
+            return [self._search_alone(*searches[0])]
+        k, version = key
+        request = index_pb2.IndexSearchManyRequest(index="images", k=k, artifact_version=version,
+                                                   vectors=[search.vector for search, _ in searches])
+        timeout = max(self.deadline(context) for _, context in searches)
+        processes = [(self._shard_name(n), stub) for n, stub in enumerate(self.shards)] or [("the index service", self.index)]
+        pending = [stub.SearchMany.future(request, timeout=timeout) for _, stub in processes]
+        answers = []
+        for (name, _), future in zip(processes, pending):
+            try:
+                answers.append(future.result())
+            except grpc.RpcError as error:
+                for other in pending:
+                    other.cancel()
+                error.downstream = name
+                raise
+        version = answers[0].artifact_version
+        return [index_pb2.IndexSearchResponse(artifact_version=version, neighbors=merge(
+            [answer.results[position].neighbors for answer in answers], k, lambda neighbor: (neighbor.score, neighbor.id)))
+            for position in range(len(searches))]
 
     def _shard_name(self, number: int) -> str:
         return f"image shard {number} of {len(self.shards)}"
@@ -256,6 +297,13 @@ class Downstream:
     def close(self) -> None:
         for ch in [*self.channels.values(), *self.shard_channels]:
             ch.close()
+
+
+def _plain(request: index_pb2.IndexSearchRequest) -> bool:
+    """An image search by vector with no filter, threshold, exclusion, page or vectors: what SearchMany answers."""
+    return (request.index == "images" and request.HasField("vector") and not request.HasField("min_score")
+            and not request.exclude_ids and not request.labels and not request.folder and not request.HasField("after")
+            and not request.HasField("taken_since") and not request.HasField("taken_until") and not request.with_vectors)
 
 
 def _observed(make_stub, service, ch: grpc.Channel, telemetry: Telemetry | None, hop: str):

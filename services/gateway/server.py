@@ -27,6 +27,7 @@ from services.common.ids import image_id, path_id_problem
 from services.gateway import duplicates, explain
 from services.gateway.downstream import Downstream, ImageFeatures, VersionMismatch
 from services.gateway.paging import BadScope, Scope
+from services.gateway.batching import DEFAULT_IN_FLIGHT as DEFAULT_SEARCH_CALLS
 from services.gateway.text_cache import DEFAULT_SIZE as DEFAULT_TEXT_CACHE, TextVectorCache
 from services.gateway.terms import BadTerms, Query, query_of
 
@@ -416,8 +417,8 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
                timeout: float = DEFAULT_TIMEOUT, image_shards: list[str] | None = None,
                tls: security.ServerTls | None = None, downstream_tls: security.ClientTls | None = None,
                tokens: list[str] | None = None, limits: Limits | None = None,
-               telemetry: metrics.Telemetry | None = None, text_cache_size: int = DEFAULT_TEXT_CACHE
-               ) -> Iterator[tuple[grpc.Server, int]]:
+               telemetry: metrics.Telemetry | None = None, text_cache_size: int = DEFAULT_TEXT_CACHE,
+               search_calls: int = DEFAULT_SEARCH_CALLS) -> Iterator[tuple[grpc.Server, int]]:
     """Serve the gateway on `port` (0 picks a free one); SERVING while every downstream service is.
 
     Addresses may list replicas (`ip:port,ip:port`); `image_shards` gives one address per image shard.
@@ -426,9 +427,12 @@ def run_server(port: int, encoder_address: str, index_address: str, host: str = 
     metrics (each downstream hop timed too), request logs and traces (each hop a span; its context goes
     downstream in the call's metadata) (default: none, unless a global SDK tracer provider is set).
     `text_cache_size`: how many text queries' vectors to keep (services/gateway/text_cache.py; 0: none).
+    `search_calls`: plain image searches under way downstream at once; more wait and go together in one
+    SearchMany (services/gateway/batching.py; 0: each alone).
     """
     telemetry = telemetry or metrics.Telemetry("gateway")
-    downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls, telemetry)
+    downstream = Downstream(encoder_address, index_address, timeout, image_shards, downstream_tls, telemetry,
+                            search_calls)
     text_cache = TextVectorCache(text_cache_size)
     servicer = GatewayServicer(downstream, text_cache, telemetry)
 
@@ -466,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-cache", type=int, default=int(env("TEXT_CACHE", DEFAULT_TEXT_CACHE)),
                         help=f"text queries whose vectors are kept, so a repeated query skips the encoder "
                              f"(0: none; default {DEFAULT_TEXT_CACHE})")
+    parser.add_argument("--search-calls", type=int, default=int(env("SEARCH_CALLS", DEFAULT_SEARCH_CALLS)),
+                        help="plain image searches under way downstream at once; more wait and go together in "
+                             f"one SearchMany call (0: each alone; default {DEFAULT_SEARCH_CALLS})")
     security.add_server_tls_arguments(parser)
     security.add_client_tls_arguments(parser, "downstream-", "DOWNSTREAM_", "the encoder and index")
     security.add_token_arguments(parser)
@@ -479,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.text_cache < 0:
         parser.error(f"--text-cache must be >= 0, not {args.text_cache}")
+    if args.search_calls < 0:
+        parser.error(f"--search-calls must be >= 0, not {args.search_calls}")
     common.start_entry_point("gateway", log_format=args.log_format)
     stop = threading.Event()
     shards = args.image_shard or os.environ.get("IMAGE_SHARDS", "").split()
@@ -487,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens = security.or_exit("gateway", security.tokens_from_args, args)
     with run_server(args.port, args.encoder, args.index, args.host, args.timeout, shards,
                     tls=tls, downstream_tls=downstream_tls, tokens=tokens, limits=limits_module.limits_from_args(args),
-                    telemetry=metrics.telemetry_from_args(args, "gateway"), text_cache_size=args.text_cache):
+                    telemetry=metrics.telemetry_from_args(args, "gateway"), text_cache_size=args.text_cache,
+                    search_calls=args.search_calls):
         common.wait_for_signal(stop)
 
 
