@@ -128,3 +128,38 @@ def test_concurrent_gateway_searches_answer_as_the_same_searches_one_at_a_time(s
                         grpc_code="OK") or 0
     assert batched and batched >= 1
     assert alone_calls + batched < len(queries)  # fewer index calls than searches
+
+
+class Context:
+    """A stand-in for a server call's context (plumbing): no deadline; abort raises with the status."""
+
+    def time_remaining(self):
+        return None
+
+    def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+class Aborted(Exception):
+    pass
+
+
+def test_a_batch_that_fails_names_its_process_and_each_caller_gets_our_status():
+    """Nothing listens on the index's port: the batched call raises for every search in it, naming the index
+    service, and each caller's context is aborted with UNAVAILABLE (no address in the message)."""
+    from semsearch.v1 import index_pb2
+    from services.gateway.downstream import Downstream
+
+    downstream = Downstream("127.0.0.1:1", "127.0.0.1:1", timeout=5.0)
+    try:
+        request = index_pb2.IndexSearchRequest(index="images", k=3, vector=index_pb2.FloatVector(values=[1.0, 0.0]))
+        with pytest.raises(grpc.RpcError) as failed:
+            downstream._search_many((3, ""), [(request, Context()), (request, Context())])
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert failed.value.downstream == "the index service"
+        with pytest.raises(Aborted) as aborted:
+            downstream.search_images(request, Context())
+        assert aborted.value.args == (grpc.StatusCode.UNAVAILABLE, "the index service is unavailable (UNAVAILABLE)")
+        assert downstream.plain_searches._kinds == {}  # the slot came back
+    finally:
+        downstream.close()
