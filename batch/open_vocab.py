@@ -71,12 +71,24 @@ class OpenSet:
     broad: dict[str, list[str]] = field(default_factory=dict)  # broad word -> its categories (broad_words)
 
     def score(self, vectors: np.ndarray, rows: dict[str, int], word_vectors: np.ndarray,
-              expand: Expand | None = None) -> dict:
-        """Category-name mAP, broad-word P@10, and `score`: their mean (the mAP alone without broad words)."""
-        names = retrieval(vectors, self.truth, sorted(set(self.truth.tolist())), rows, word_vectors, expand)["map"]
-        broad = (broad_precision(vectors, self.truth, self.broad, rows, word_vectors, expand=expand)["p10"]
-                 if self.broad else None)
+              expand: Expand | None = None, queries: "OpenQueries | None" = None) -> dict:
+        """Category-name mAP, broad-word P@10, and `score`: their mean (the mAP alone without broad words).
+        `queries`: this set's `queries(rows, word_vectors, expand)`, made once for many scores."""
+        queries = queries or self.queries(rows, word_vectors, expand)
+        names = ranked(vectors, self.truth, queries.categories)["map"]
+        broad = precision_at(vectors, self.truth, self.broad, queries.broad)["p10"] if self.broad else None
         return {"map": names, "broad_p10": broad, "score": names if broad is None else (names + broad) / 2}
+
+    def queries(self, rows: dict[str, int], word_vectors: np.ndarray, expand: Expand | None = None) -> "OpenQueries":
+        """The query vectors of its category names and broad words (through `expand`)."""
+        return OpenQueries(label_queries(sorted(set(self.truth.tolist())), rows, word_vectors, expand),
+                           {word: embed([Term(word, 1.0)], rows, word_vectors, expand) for word in self.broad})
+
+
+@dataclass(frozen=True)
+class OpenQueries:
+    categories: dict[str, np.ndarray | None]  # None: no word of the name has a vector
+    broad: dict[str, np.ndarray]
 
 
 def category_synsets(found: list[ImageRecord]) -> dict[str, str]:
@@ -107,19 +119,34 @@ def broad_words(synsets: dict[str, str], categories: list[str], names: WordNet, 
 def broad_precision(vectors: np.ndarray, truth: np.ndarray, queries: dict[str, list[str]], rows: dict[str, int],
                     word_vectors: np.ndarray, k: int = 10, expand: Expand | None = None) -> dict:
     """precision@k of each broad word over `vectors`, relevant = photos of its categories; and the mean."""
-    per_query = {word: float(np.isin(truth[np.argsort(-(vectors @ embed([Term(word, 1.0)], rows, word_vectors,
-                                                                        expand)))[:k]], labels).mean())
+    return precision_at(vectors, truth, queries, {word: embed([Term(word, 1.0)], rows, word_vectors, expand)
+                                                  for word in queries}, k)
+
+
+def precision_at(vectors: np.ndarray, truth: np.ndarray, queries: dict[str, list[str]],
+                 query_vectors: dict[str, np.ndarray], k: int = 10) -> dict:
+    """broad_precision with each word's query vector given."""
+    per_query = {word: float(np.isin(truth[np.argsort(-(vectors @ query_vectors[word]))[:k]], labels).mean())
                  for word, labels in queries.items()}
     return {"queries": len(per_query), "p10": float(np.mean(list(per_query.values()))) if per_query else 0.0,
             "per_query": per_query}
 
 
+def label_queries(labels: list[str], rows: dict[str, int], word_vectors: np.ndarray,
+                  expand: Expand | None = None) -> dict[str, np.ndarray | None]:
+    return {label: label_query(label, rows, word_vectors, expand) for label in labels}
+
+
 def retrieval(vectors: np.ndarray, truth: np.ndarray, queries: list[str], rows: dict[str, int],
               word_vectors: np.ndarray, expand: Expand | None = None) -> dict:
     """P@5 and AP of each category name as a query over `vectors` (unit, one per photo), and their means."""
+    return ranked(vectors, truth, label_queries(queries, rows, word_vectors, expand))
+
+
+def ranked(vectors: np.ndarray, truth: np.ndarray, queries: dict[str, np.ndarray | None]) -> dict:
+    """retrieval with each category's query vector given (None: not asked)."""
     per_query, skipped = {}, []
-    for label in queries:
-        query = label_query(label, rows, word_vectors, expand)
+    for label, query in queries.items():
         if query is None:
             skipped.append(label)
             continue

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from batch.class_table import PLAIN, Enrichment
-from batch.open_vocab import Expand, OpenSet
+from batch.open_vocab import Expand, OpenQueries, OpenSet
 from services.encoder.head import Head
 from services.encoder.modes import MODES, Modes, QueryExpansion
 from services.encoder.query import Term, embed
@@ -288,8 +288,9 @@ def _describe(open_set: OpenSet | None) -> dict:
             "split": "validation half of the open-vocabulary folder's categories (batch/open_vocab.py)"}
 
 
-def _open_score(vectors: np.ndarray, open_set: OpenSet, vocabulary: Vocabulary, expand: Expand | None) -> float:
-    return open_set.score(vectors, vocabulary.rows, vocabulary.vectors, expand)["score"]
+def _open_score(vectors: np.ndarray, open_set: OpenSet, vocabulary: Vocabulary, expand: Expand | None,
+                queries: OpenQueries | None = None) -> float:
+    return open_set.score(vectors, vocabulary.rows, vocabulary.vectors, expand, queries)["score"]
 
 
 def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None,
@@ -301,11 +302,15 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
     probabilities = modes.probabilities(photos)  # the classifier is the same for every candidate table
     for enrichment in candidates:
         candidate = modes.with_table(*make_table(enrichment)) if enrichment is not None else modes
+        queries: dict[float, OpenQueries] = {}  # by expansion weight: the same for every T
         for top in TOPS:
             vectors = candidate.conse(photos, top, probabilities)
             for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
                 if open_set is not None:
-                    score = _open_score(vectors, open_set, trained.vocabulary, candidate.expansion.at(weight))
+                    expand = candidate.expansion.at(weight)
+                    if weight not in queries:
+                        queries[weight] = open_set.queries(trained.vocabulary.rows, trained.vocabulary.vectors, expand)
+                    score = _open_score(vectors, open_set, trained.vocabulary, expand, queries[weight])
                 else:
                     score = hits(vectors @ trained.label_vectors.T, trained.truth, (1,))["hit1"]
                 scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top} expand {weight}"] = score
@@ -340,13 +345,14 @@ def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None
         return modes
     devise = (figures["devise_flat_hit1"], figures["devise_tag_hit1"])
     parts = [(f, modes.embed(f, "hybrid"), modes.conse(f)) for f in (trained.features, open_set.features)]
+    queries = open_set.queries(trained.vocabulary.rows, trained.vocabulary.vectors, modes.expand)
     best, scores = None, {}
     for center in GATE_CENTERS:
         for width in GATE_WIDTHS:
             (tf, th, tc), (of, oh, oc) = parts
             keeps = trained.keeps(modes.gated(tf, th, tc, center, width), devise)
             score = _open_score(modes.gated(of, oh, oc, center, width), open_set, trained.vocabulary,
-                                modes.expand)
+                                modes.expand, queries)
             scores[f"{center}/{width}"] = {"open_score": score, "keeps_trained_labels": keeps}
             if keeps and (best is None or score > best[0] + 1e-9):
                 best = (score, center, width)
