@@ -160,12 +160,14 @@ def bench(artifacts: str, photo: Path, seconds: float = 10.0, clients: int = 16)
     with running_services(artifacts) as (addresses, servers):
         gateway, index = addresses["gateway"], addresses["index"]
         text = measured("gateway", gateway, seconds, clients, servers, ("index", "encoder", "gateway"))
+        eight = measured("gateway", gateway, seconds, 8, servers, ("index", "encoder", "gateway"))
         with gateway_without_text_cache(addresses) as (uncached_address, uncached):
             uncached_text = measured("gateway", uncached_address, seconds, clients, [*servers[:2], uncached],
                                      ("index", "encoder", "gateway"))
         direct = measured("index", index, seconds, clients, servers[:1], ("index",), addresses["encoder"].encode())
         image = load("image", gateway, seconds, 2, 2, photo.read_bytes())
-    return {"gateway_text_search": text, "gateway_text_search_no_text_cache": uncached_text,
+    return {"gateway_text_search": text, "gateway_text_search_8_clients": eight,
+            "gateway_text_search_no_text_cache": uncached_text,
             "index_search_direct": direct, "gateway_image_similar": image,
             "gateway_overhead_p50": round(text["p50_ms"] / direct["p50_ms"], 2),
             "gateway_qps_ratio": round(direct["qps"] / text["qps"], 2),
