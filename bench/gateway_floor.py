@@ -64,21 +64,23 @@ def _serve(server, proxy, port: int) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
 
 
-def _proxy(kind: str, target: str) -> tuple[str, subprocess.Popen]:
+def _hop(module: str, *args: str) -> tuple[str, subprocess.Popen]:
+    """`python -m module --port PORT *args` on a free port, until SERVING: (its address, its process)."""
     address = f"127.0.0.1:{_free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "bench.gateway_floor", "--serve-proxy", kind,
-                                address.rsplit(":", 1)[1], target], cwd=REPO)
+    process = subprocess.Popen([sys.executable, "-m", module, "--port", address.rsplit(":", 1)[1], *args], cwd=REPO,
+                               stderr=subprocess.DEVNULL)
     wait_serving(address)
     return address, process
 
 
-def _gateway(addresses: dict[str, str], search_calls: int) -> tuple[str, subprocess.Popen]:
-    address = f"127.0.0.1:{_free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "services.gateway.server", "--port", address.rsplit(":", 1)[1],
-                                "--encoder", addresses["encoder"], "--index", addresses["index"],
-                                "--search-calls", str(search_calls)], cwd=REPO, stderr=subprocess.DEVNULL)
-    wait_serving(address)
-    return address, process
+def _measured_through(hop: tuple[str, subprocess.Popen], kind: str, seconds: float, clients: int, index, encoder: bytes
+                      ) -> dict:
+    address, process = hop
+    try:
+        return measured(kind, address, seconds, clients, [index, process], ("index", "hop"), encoder)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def bench(artifacts: str, seconds: float, rounds: int, clients: int, search_calls: list[int]) -> dict:
@@ -89,22 +91,15 @@ def bench(artifacts: str, seconds: float, rounds: int, clients: int, search_call
             results.setdefault("index directly", []).append(
                 measured("index", addresses["index"], seconds, clients, [index], ("index",), encoder))
             for kind in PROXIES:
-                address, process = _proxy(kind, addresses["index"])
-                try:
-                    results.setdefault(f"bare {kind} proxy", []).append(
-                        measured("index", address, seconds, clients, [index, process], ("index", "hop"), encoder))
-                finally:
-                    process.terminate()
-                    process.wait(timeout=30)
+                proxy = _hop("bench.gateway_floor", "--serve-proxy", kind, addresses["index"])
+                results.setdefault(f"bare {kind} proxy", []).append(
+                    _measured_through(proxy, "index", seconds, clients, index, encoder))
             turn = round_number % len(search_calls)  # each setting first in turn
             for calls in search_calls[turn:] + search_calls[:turn]:
-                address, process = _gateway(addresses, calls)
-                try:
-                    results.setdefault(f"gateway, search calls {calls}", []).append(
-                        measured("gateway", address, seconds, clients, [index, process], ("index", "hop"), encoder))
-                finally:
-                    process.terminate()
-                    process.wait(timeout=30)
+                gateway = _hop("services.gateway.server", "--encoder", addresses["encoder"], "--index",
+                               addresses["index"], "--search-calls", str(calls))
+                results.setdefault(f"gateway, search calls {calls}", []).append(
+                    _measured_through(gateway, "gateway", seconds, clients, index, encoder))
     return results
 
 
@@ -165,14 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--search-calls", default="0,1,2",
                         help="comma-separated gateway --search-calls settings to measure (default 0,1,2)")
-    parser.add_argument("--serve-proxy", nargs=3, metavar=("KIND", "PORT", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-proxy", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the proxy's
     args = parser.parse_args(argv)
     if args.serve_proxy:
-        kind, port, target = args.serve_proxy
+        kind, target = args.serve_proxy
         if kind == "sync":
-            serve_sync_proxy(int(port), target)
+            serve_sync_proxy(args.port, target)
         else:
-            asyncio.run(serve_aio_proxy(int(port), target))
+            asyncio.run(serve_aio_proxy(args.port, target))
         return
     results = bench(args.artifacts, args.seconds, args.rounds, args.clients,
                     [int(calls) for calls in args.search_calls.split(",")])

@@ -160,7 +160,7 @@ class Downstream:
         try:
             return self.plain_searches.submit((request.k, request.artifact_version), (request, context))
         except grpc.RpcError as error:
-            self._fail(error, error.downstream, context)
+            self._fail(error, getattr(error, "downstream", "the index service"), context)
 
     def _search_alone(self, request: index_pb2.IndexSearchRequest, context) -> index_pb2.IndexSearchResponse:
         if not self.shards:

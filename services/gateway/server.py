@@ -25,9 +25,9 @@ from services.common import server as common
 from services.common.errors import quoted
 from services.common.ids import image_id, path_id_problem
 from services.gateway import duplicates, explain
+from services.gateway.batching import DEFAULT_IN_FLIGHT as DEFAULT_SEARCH_CALLS
 from services.gateway.downstream import Downstream, ImageFeatures, VersionMismatch
 from services.gateway.paging import BadScope, Scope
-from services.gateway.batching import DEFAULT_IN_FLIGHT as DEFAULT_SEARCH_CALLS
 from services.gateway.text_cache import DEFAULT_SIZE as DEFAULT_TEXT_CACHE, TextVectorCache
 from services.gateway.terms import BadTerms, Query, query_of
 
