@@ -101,7 +101,7 @@ def test_bad_settings_are_refused():
 @pytest.mark.slow
 def test_concurrent_gateway_searches_answer_as_the_same_searches_one_at_a_time(services):
     """16 threads search at once through a gateway that batches; each answer equals the one a gateway
-    that never batches gives to the same search, alone."""
+    that never batches gives to the same search, alone; its metrics count the calls and their searches."""
     telemetry = metrics.Telemetry("gateway", metrics_port=0)
     with gateway_server.run_server(0, services.encoder, services.index, telemetry=telemetry, search_calls=1) as (_, port), \
             gateway_server.run_server(0, services.encoder, services.index, search_calls=0) as (_, alone_port):
@@ -128,6 +128,10 @@ def test_concurrent_gateway_searches_answer_as_the_same_searches_one_at_a_time(s
                         grpc_code="OK") or 0
     assert batched and batched >= 1
     assert alone_calls + batched < len(queries)  # fewer index calls than searches
+    # each search counted once, in the call that carried it
+    assert value(samples, "semsearch_searches_per_call_sum") == len(queries)
+    assert value(samples, "semsearch_searches_per_call_count") == alone_calls + batched
+    assert value(samples, "semsearch_searches_per_call_bucket", le="1.0") == alone_calls
 
 
 class Context:

@@ -14,6 +14,8 @@ Metric names (the `semsearch_` ones are ours; `grpc_server_*` follows go-grpc-pr
 - `grpc_server_in_flight{grpc_service,grpc_method}`: calls running now (health `Watch` streams count);
 - `semsearch_downstream_seconds{hop,grpc_method,grpc_code}` (gateway): each call to the encoder, the
   index or an image shard;
+- `semsearch_searches_per_call` (gateway): plain image searches in each call to the index (1: sent alone;
+  more: batched in one SearchMany, services/gateway/batching.py);
 - `semsearch_artifact_info{service,version}` (encoder, index): the artifact version served;
 - `semsearch_artifact_reloads_total`, `semsearch_artifact_load_failures_total` (encoder, index);
 - `semsearch_index_vectors{index}`, `semsearch_index_live_added_total`,
@@ -49,6 +51,7 @@ LOG_FORMATS = ("text", "json")
 # gRPC calls take from well under a millisecond (index) to seconds (a batch of images on the encoder)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SEARCHES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # the services' own metrics ports under `make serve` (and the deploy examples)
 DEFAULT_PORTS = {"gateway": 9464, "encoder": 9465, "index": 9466, "web": 9467}
 KINDS = ("gateway", "encoder", "index")
@@ -110,6 +113,9 @@ class Telemetry(MetricsEndpoint):
             self.downstream = Histogram("semsearch_downstream_seconds", "each call to a downstream service",
                                         ["hop", "grpc_method", "grpc_code"], buckets=LATENCY_BUCKETS,
                                         registry=registry)
+            self.searches_per_call = Histogram("semsearch_searches_per_call", "plain image searches in each call "
+                                               "to the index (more than 1: batched)", buckets=SEARCHES_BUCKETS,
+                                               registry=registry)
         else:
             self.artifact = Info("semsearch_artifact", "the artifact version served", registry=registry)
             self.reloads = Counter("semsearch_artifact_reloads", "switches to a newly published artifact version",

@@ -122,6 +122,7 @@ class Downstream:
                        for number, ch in enumerate(self.shard_channels)]
         # unfiltered image searches that arrive together go in one SearchMany (services/gateway/batching.py)
         self.plain_searches = Coalescer(self._search_many, in_flight) if in_flight else None
+        self.searches_per_call = telemetry.searches_per_call if telemetry is not None and telemetry.metrics_on else None
 
     def deadline(self, context: grpc.ServicerContext) -> float:
         """Our timeout, or what is left of the caller's deadline if that is sooner."""
@@ -184,6 +185,8 @@ class Downstream:
         sends its own batch: errors map to its status as usual); more go in one SearchMany per image process
         (merged per search when sharded) with the longest of their deadlines, and an error raised names its
         process in `.downstream`."""
+        if self.searches_per_call is not None:
+            self.searches_per_call.observe(len(searches))
         if len(searches) == 1:
             return [self._search_alone(*searches[0])]
         k, version = key
