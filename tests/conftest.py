@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,7 +57,45 @@ def ray_runtime():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
     yield
+    started = descendants(os.getpid())  # Ray's processes, which ray.init started under this one
     ray.shutdown()
+    end_processes(started)  # any that outlive the shutdown (seen once: a Ray Train controller, orphaned)
+
+
+def descendants(pid: int) -> set[int]:
+    """The process ids under `pid`, at any depth (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (OSError, IndexError):
+        return False
+
+
+def end_processes(pids: set[int], grace: float = 10.0) -> None:
+    """Wait up to `grace` seconds for `pids` to exit, then kill those still running."""
+    deadline = time.monotonic() + grace
+    while (alive := {pid for pid in pids if _running(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
