@@ -272,7 +272,7 @@ class TimedMethod:
     """A stub's unary method whose calls, blocking or futures, are timed per hop, method and status code.
 
     A plain wrapper, not a gRPC client interceptor: timing by `grpc.intercept_channel` cost the gateway 6%
-    of its CPU per search (bench.tracing; BENCHMARKS.md)."""
+    of its CPU per search (bench.tracing; bench/findings.md, "What metrics cost")."""
 
     def __init__(self, method, histogram: Histogram, hop: str, name: str):
         self.method = method
