@@ -167,7 +167,8 @@ bench-filters: setup
 bench-index: setup $(ARTIFACTS)/current
 	$(PY) -m bench.reindex --artifacts $(ARTIFACTS) $(if $(INDEX_DATA),--data $(INDEX_DATA),)
 
-# What traces cost: text searches on three stacks side by side (traces off, every search traced, one in ten),
+# What metrics and traces cost: text searches on four stacks side by side (telemetry off, metrics on, every
+# search traced, one in ten),
 # 3 runs of 10 s each (a few minutes); `make bench` measures it too.
 bench-tracing: setup $(ARTIFACTS)/current
 	$(PY) -m bench.tracing --artifacts $(ARTIFACTS)
