@@ -288,9 +288,8 @@ def _describe(open_set: OpenSet | None) -> dict:
             "split": "validation half of the open-vocabulary folder's categories (batch/open_vocab.py)"}
 
 
-def _open_score(vectors: np.ndarray, open_set: OpenSet, vocabulary: Vocabulary, expand: Expand | None,
-                queries: OpenQueries | None = None) -> float:
-    return open_set.score(vectors, vocabulary.rows, vocabulary.vectors, expand, queries)["score"]
+def _open_score(vectors: np.ndarray, open_set: OpenSet, vocabulary: Vocabulary, queries: OpenQueries) -> float:
+    return open_set.score(vectors, vocabulary.rows, vocabulary.vectors, queries=queries)["score"]
 
 
 def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None,
@@ -307,10 +306,10 @@ def _choose_conse(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | Non
             vectors = candidate.conse(photos, top, probabilities)
             for weight in (EXPANSIONS if open_set is not None and candidate.expansion else (0.0,)):
                 if open_set is not None:
-                    expand = candidate.expansion.at(weight)
                     if weight not in queries:
-                        queries[weight] = open_set.queries(trained.vocabulary.rows, trained.vocabulary.vectors, expand)
-                    score = _open_score(vectors, open_set, trained.vocabulary, expand, queries[weight])
+                        queries[weight] = open_set.queries(trained.vocabulary.rows, trained.vocabulary.vectors,
+                                                           candidate.expansion.at(weight))
+                    score = _open_score(vectors, open_set, trained.vocabulary, queries[weight])
                 else:
                     score = hits(vectors @ trained.label_vectors.T, trained.truth, (1,))["hit1"]
                 scores[f"{enrichment.to_dict() if enrichment else 'given'} T{top} expand {weight}"] = score
@@ -351,8 +350,7 @@ def _choose_gate(modes: Modes, trained: _TrainedLabels, open_set: OpenSet | None
         for width in GATE_WIDTHS:
             (tf, th, tc), (of, oh, oc) = parts
             keeps = trained.keeps(modes.gated(tf, th, tc, center, width), devise)
-            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, trained.vocabulary,
-                                modes.expand, queries)
+            score = _open_score(modes.gated(of, oh, oc, center, width), open_set, trained.vocabulary, queries)
             scores[f"{center}/{width}"] = {"open_score": score, "keeps_trained_labels": keeps}
             if keeps and (best is None or score > best[0] + 1e-9):
                 best = (score, center, width)
